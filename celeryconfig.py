@@ -1,0 +1,51 @@
+"""Celery settings for the Tidings worker (`celery -A tasks worker`).
+
+Every value that differs from Celery's default says why: the listener is a
+task that never ends, which breaks several of Celery's assumptions.
+"""
+
+from tidings.settings import load_or_exit
+
+_settings = load_or_exit()
+
+# The broker lives on the same Redis as the data, one database up by default
+# (TIDINGS_BROKER_URL). Results of the demo task go there too.
+broker_url = _settings.broker_url
+result_backend = _settings.broker_url
+result_expires = 3600
+
+# A Redis outage of any length must not stop the worker: retry forever
+# (Celery's default gives up after 100 retries and exits).
+broker_connection_retry_on_startup = True
+broker_connection_max_retries = None
+
+# The listener gets a queue of its own so it never waits behind application
+# tasks, and application tasks keep the default queue.
+task_queues = {
+    "celery": {"routing_key": "celery"},
+    "tidings.listener": {"routing_key": "tidings.listener"},
+}
+task_default_queue = "celery"
+task_routes = {"tidings.listener": {"queue": "tidings.listener"}}
+
+# Prefetch one message per process: a worker busy with the listener must not
+# sit on queued tasks that an idle worker could run.
+worker_prefetch_multiplier = 1
+
+# Early acknowledgement (Celery's default, stated because it matters): the
+# listener message is acked when the task starts. With acks_late the Redis
+# transport would redeliver the never-ending task to another worker after
+# visibility_timeout, a duplicate listener. The lease makes a duplicate
+# harmless anyway; this keeps it from happening at all.
+task_acks_late = False
+# Unacked (prefetched, not yet started) messages are redelivered after this
+# long; one hour is far above any wait for a free process.
+broker_transport_options = {"visibility_timeout": 3600}
+
+# No time limits: the listener runs until it is stopped or loses its lease.
+task_time_limit = None
+task_soft_time_limit = None
+
+# Listener progress is logged, not stored.
+task_ignore_result = False
+worker_send_task_events = False

@@ -1,0 +1,10 @@
+"""The Celery app: `celery -A tasks worker` runs the Tidings listener and the demo task."""
+
+from celery import Celery
+
+app = Celery("tasks")
+app.config_from_object("celeryconfig")
+
+from tasks import demo, listener  # noqa: E402  (registers the tasks and the bootstep)
+
+__all__ = ["app", "demo", "listener"]

@@ -1,0 +1,175 @@
+"""A small Python client for services and tests: subscribe, recover, de-duplicate.
+
+It keeps the last offset of every topic, resubscribes with `since` after any
+reconnect, delivers recovered publications before live ones, drops anything
+at or below the last offset, and reports a history gap (`recovered: false`)
+through `on_gap` so the application can resync. The same rules as
+`webapp/static/tidings.js`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import socketio
+
+from tidings.history import parse_offset
+
+log = logging.getLogger("tidings.client")
+
+Handler = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class _Topic:
+    last: tuple[int, int] | None = None
+    last_offset: str | None = None
+    pending: bool = False
+    buffered: list[dict[str, Any]] = field(default_factory=list)
+
+
+class TidingsClient:
+    """Subscribes to topics on a Tidings server and calls `on_publication` once per offset."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        on_publication: Handler,
+        on_gap: Callable[[str], None] | None = None,
+        token: str | None = None,
+        transports: list[str] | None = None,
+        reconnection_delay: float = 0.2,
+    ) -> None:
+        self.url = url
+        self.on_publication = on_publication
+        self.on_gap = on_gap or (lambda topic: None)
+        self.token = token
+        self.transports = transports or ["websocket"]
+        self.recovered = 0
+        self.gaps = 0
+        self.connects = 0
+        self._lock = threading.RLock()
+        self._topics: dict[str, _Topic] = {}
+        self.sio = socketio.Client(
+            reconnection=True,
+            reconnection_delay=reconnection_delay,
+            reconnection_delay_max=1,
+            randomization_factor=0.2,
+        )
+        self.sio.on("connect", self._on_connect)
+        self.sio.on("publications", self._on_publications)
+
+    # -- public --------------------------------------------------------------
+
+    def connect(self, timeout: float = 10) -> None:
+        """Connect (and keep reconnecting on loss)."""
+        self.sio.connect(
+            self.url,
+            auth={"token": self.token} if self.token else None,
+            transports=self.transports,
+            wait_timeout=timeout,
+            retry=True,
+        )
+
+    def disconnect(self) -> None:
+        """Close the connection for good."""
+        self.sio.disconnect()
+
+    def subscribe(self, topic: str, timeout: float = 10) -> dict[str, Any]:
+        """Subscribe (with `since` when this client has seen the topic) and return the ack."""
+        with self._lock:
+            state = self._topics.setdefault(topic, _Topic())
+            state.pending = True
+            payload: dict[str, Any] = {"topic": topic}
+            if state.last_offset is not None:
+                payload["since"] = state.last_offset
+        ack = self.sio.call("subscribe", payload, timeout=timeout)
+        self._on_ack(topic, payload, ack)
+        return ack
+
+    def unsubscribe(self, topic: str, timeout: float = 10) -> dict[str, Any]:
+        """Stop receiving a topic."""
+        with self._lock:
+            self._topics.pop(topic, None)
+        return self.sio.call("unsubscribe", {"topic": topic}, timeout=timeout)
+
+    def last_offset(self, topic: str) -> str | None:
+        """Return the last offset delivered for `topic`."""
+        with self._lock:
+            state = self._topics.get(topic)
+            return state.last_offset if state else None
+
+    # -- internals -------------------------------------------------------------
+
+    def _on_connect(self) -> None:
+        self.connects += 1
+        if self.connects == 1:
+            return
+        # A reconnect: resubscribe everything from where it stopped. Not from
+        # inside this handler, which runs on the client's event thread.
+        threading.Thread(target=self._resubscribe_all, daemon=True).start()
+
+    def _resubscribe_all(self) -> None:
+        with self._lock:
+            topics = list(self._topics)
+        for topic in topics:
+            try:
+                self.subscribe(topic)
+            except (socketio.exceptions.SocketIOError, OSError) as exc:
+                log.warning("resubscribe %s failed (%s); will retry on next connect", topic, exc)
+                return
+
+    def _on_ack(self, topic: str, sent: dict[str, Any], ack: Any) -> None:
+        with self._lock:
+            state = self._topics.get(topic)
+            if state is None:
+                return
+            state.pending = False
+            buffered, state.buffered = state.buffered, []
+            if not isinstance(ack, dict) or not ack.get("ok"):
+                log.warning("subscribe %s refused: %s", topic, ack)
+                return
+            if "since" in sent:
+                if ack.get("recovered"):
+                    recovered = ack.get("publications", [])
+                    self.recovered += len(recovered)
+                    for pub in recovered:
+                        self._deliver(state, pub)
+                else:
+                    self.gaps += 1
+                    self.on_gap(topic)
+                    self._move_to(state, ack.get("offset"))
+            else:
+                self._move_to(state, ack.get("offset"))
+            for pub in buffered:
+                self._deliver(state, pub)
+
+    def _move_to(self, state: _Topic, offset: str | None) -> None:
+        pair = parse_offset(offset)
+        if pair is not None and (state.last is None or pair > state.last):
+            state.last, state.last_offset = pair, offset
+
+    def _on_publications(self, publications: Any) -> None:
+        if not isinstance(publications, list):
+            return
+        with self._lock:
+            for pub in publications:
+                state = self._topics.get(pub.get("topic")) if isinstance(pub, dict) else None
+                if state is None:
+                    continue
+                if state.pending:
+                    state.buffered.append(pub)
+                else:
+                    self._deliver(state, pub)
+
+    def _deliver(self, state: _Topic, pub: dict[str, Any]) -> None:
+        pair = parse_offset(pub.get("offset"))
+        if pair is None or (state.last is not None and pair <= state.last):
+            return
+        state.last, state.last_offset = pair, pub["offset"]
+        self.on_publication(pub)

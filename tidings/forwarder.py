@@ -1,0 +1,140 @@
+"""The one atomic step of forwarding: fence, write history, emit, acknowledge.
+
+A single Lua script per batch checks that the caller still holds the listener
+lease, appends every publication to its topic's history stream (the stream id
+is the offset), publishes one Socket.IO `publications` event per topic on the
+message queue, and acknowledges the batch's ingest entries. Redis runs it
+atomically, so a stale listener can neither write nor emit, and an ingest
+entry is acknowledged exactly when it was forwarded: a crash on either side of
+the script leaves it either fully forwarded and acked or untouched and
+pending, never forwarded twice. One round trip per batch, however large.
+
+The emitted message is python-socketio's pub/sub manager format (what
+`RedisManager(write_only=True).emit()` publishes); building it in the script
+lets the offsets go out in the same step that allocates them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import redis
+
+from tidings.keys import INGEST_GROUP, INGEST_STREAM, LEASE_KEY, SOCKETIO_CHANNEL, history_key, room
+
+FORWARD_SCRIPT = """
+local token = ARGV[1]
+if token ~= '' and redis.call('GET', KEYS[1]) ~= token then
+  return redis.error_reply('FENCED the listener lease is held by another listener')
+end
+local maxlen, ttl, head, channel, group = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local nacks = tonumber(ARGV[7])
+local pos = 8
+if nacks > 0 then
+  local acks = {}
+  for j = 1, nacks do acks[j] = ARGV[pos + j - 1] end
+  pos = pos + nacks
+  redis.call('XACK', KEYS[2], group, unpack(acks))
+end
+local offsets = {}
+for k = 3, #KEYS do
+  local topic_json, room_json, n = ARGV[pos], ARGV[pos + 1], tonumber(ARGV[pos + 2])
+  pos = pos + 3
+  local parts = {}
+  for j = 1, n do
+    local data, ts = ARGV[pos], ARGV[pos + 1]
+    pos = pos + 2
+    local id = redis.call('XADD', KEYS[k], 'MAXLEN', maxlen, '*', 'd', data, 't', ts)
+    parts[j] = '{"topic":' .. topic_json .. ',"offset":"' .. id .. '","data":' .. data .. '}'
+    offsets[#offsets + 1] = id
+  end
+  redis.call('EXPIRE', KEYS[k], ttl)
+  local body = table.concat(parts, ',')
+  redis.call('PUBLISH', channel, head .. room_json .. ',"data":[[' .. body .. ']]}')
+end
+return offsets
+"""
+
+# Batches above this are split: it bounds how long one script holds Redis.
+MAX_BATCH = 1000
+
+
+class Fenced(Exception):
+    """The caller no longer holds the listener lease; it must stop forwarding."""
+
+
+@dataclass(frozen=True)
+class Publication:
+    """A publication ready to forward: topic, JSON text, publish time in ms."""
+
+    topic: str
+    data_json: str
+    published_ms: int | None = None
+
+
+class Forwarder:
+    """Forwards batches of publications through the atomic script."""
+
+    def __init__(self, client: redis.Redis, *, history_size: int, history_ttl: int) -> None:
+        self._client = client
+        self._script = client.register_script(FORWARD_SCRIPT)
+        self._history_size = str(history_size)
+        self._history_ttl = str(history_ttl)
+        host_id = f"tidings-{uuid.uuid4().hex}"
+        # Everything of the queue message but the room and the data, whose
+        # keys the script appends; python-socketio reads it with json.loads.
+        self._head = (
+            '{"method":"emit","event":"publications","binary":false,"namespace":"/",'
+            f'"skip_sid":null,"callback":null,"host_id":"{host_id}","room":'
+        )
+
+    def forward(
+        self,
+        publications: Iterable[Publication],
+        *,
+        ack_ids: Iterable[bytes | str] = (),
+        lease_token: str = "",
+    ) -> list[str]:
+        """Forward publications (grouped per topic, order kept) and ack ingest ids.
+
+        Returns the offsets in the order the topics were first seen. Raises
+        Fenced when `lease_token` is given and no longer holds the lease.
+        """
+        by_topic: dict[str, list[Publication]] = {}
+        for pub in publications:
+            by_topic.setdefault(pub.topic, []).append(pub)
+        acks = list(ack_ids)
+        if not by_topic and not acks:
+            return []
+        keys = [LEASE_KEY, INGEST_STREAM]
+        args: list[str | bytes] = [
+            lease_token,
+            self._history_size,
+            self._history_ttl,
+            self._head,
+            SOCKETIO_CHANNEL,
+            INGEST_GROUP,
+            str(len(acks)),
+            *acks,
+        ]
+        for topic, pubs in by_topic.items():
+            keys.append(history_key(topic))
+            args += [json.dumps(topic), json.dumps(room(topic)), str(len(pubs))]
+            for pub in pubs:
+                args += [pub.data_json, "" if pub.published_ms is None else str(pub.published_ms)]
+        try:
+            offsets = self._script(keys=keys, args=args)
+        except redis.ResponseError as exc:
+            if str(exc).startswith("FENCED"):
+                raise Fenced(str(exc)) from None
+            raise
+        return [offset.decode() for offset in offsets]
+
+
+def now_ms() -> int:
+    """Return the wall clock in milliseconds (publish and forward times)."""
+    return time.time_ns() // 1_000_000

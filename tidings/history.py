@@ -1,0 +1,59 @@
+"""Per-topic history streams: offsets and recovery with `since`."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from tidings.keys import history_key
+
+_OFFSET = re.compile(r"(\d{1,20})-(\d{1,20})")
+
+
+def parse_offset(offset: object) -> tuple[int, int] | None:
+    """Return an offset `<ms>-<seq>` as a sortable pair, or None when malformed."""
+    if not isinstance(offset, str):
+        return None
+    match = _OFFSET.fullmatch(offset)
+    return (int(match[1]), int(match[2])) if match else None
+
+
+@dataclass
+class Recovery:
+    """What a `subscribe` ack reports: latest offset, recovered flag, publications."""
+
+    offset: str | None
+    recovered: bool
+    publications: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _publication(topic: str, entry_id: bytes, fields: dict[bytes, bytes]) -> dict[str, Any]:
+    return {"topic": topic, "offset": entry_id.decode(), "data": json.loads(fields[b"d"])}
+
+
+def recover(client: redis.Redis, topic: str, since: str | None) -> Recovery:
+    """Read the topic's latest offset and, with `since`, everything after it.
+
+    `since` is recoverable only while its own entry is still in history:
+    trimming removes the oldest entries first, so an entry that is still
+    there proves nothing after it was trimmed. One round trip either way.
+    """
+    key = history_key(topic)
+    pipe = client.pipeline(transaction=False)
+    pipe.xrevrange(key, count=1)
+    since_pair = parse_offset(since) if since is not None else None
+    if since_pair is not None:
+        pipe.xrange(key, min=since)
+    replies = pipe.execute()
+    latest = replies[0][0][0].decode() if replies[0] else None
+    if since is None:
+        return Recovery(offset=latest, recovered=False)
+    entries = replies[1] if since_pair is not None else []
+    if not entries or entries[0][0].decode() != since:
+        return Recovery(offset=latest, recovered=False)
+    publications = [_publication(topic, entry_id, fields) for entry_id, fields in entries[1:]]
+    return Recovery(offset=latest, recovered=True, publications=publications)

@@ -1,0 +1,368 @@
+"""The subscription owner: holds the lease, reads both publish paths, forwards.
+
+One `Listener` runs in one process at a time (the lease sees to that). It
+runs three loops, each on its own thread, each with a bounded wait so that a
+stop request is seen within a second:
+
+- the lease loop renews the lease well inside its TTL and stops everything
+  when another listener holds it;
+- the pub/sub loop reads `tidings:topic:*` (and `TIDINGS_SUBSCRIBE` patterns)
+  with `get_message(timeout=...)`, drains whatever else is already waiting,
+  and forwards it as one batch;
+- the ingest loop reads `tidings:ingest` through the consumer group: first
+  its own pending entries, then entries orphaned by a dead listener
+  (XAUTOCLAIM), then new ones; the forward script acknowledges them.
+
+Redis outages are expected: every loop reconnects forever with capped
+backoff and logs one line per outage, never a stack trace.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import redis
+
+from tidings.connection import client_name, connect
+from tidings.forwarder import MAX_BATCH, Fenced, Forwarder, Publication, now_ms
+from tidings.keys import INGEST_GROUP, INGEST_STREAM, TOPIC_CHANNEL_PATTERN, TOPIC_CHANNEL_PREFIX
+from tidings.lease import Lease
+from tidings.logs import RateLimited
+from tidings.payloads import DroppedPublication, to_json_text
+from tidings.settings import Settings
+from tidings.topics import is_valid_topic
+
+log = logging.getLogger("tidings.listener")
+
+POLL_SECONDS = 0.5
+BACKOFF_START = 0.05
+BACKOFF_MAX = 1.0
+# Entries another consumer has held this long without acking are orphans: no
+# forward takes near this long, and the fence stops a stale holder anyway.
+CLAIM_IDLE_MS = 5000
+CLAIM_EVERY_SECONDS = 2.0
+TRIM_EVERY_SECONDS = 1.0
+
+_REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
+
+# Drops the acknowledged head of the ingest stream: everything before the
+# oldest pending entry, or up to the group's last delivered id.
+_TRIM_INGEST = """
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1])
+local minid = pending[2]
+if not minid then
+  for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+    for i = 1, #group, 2 do
+      if group[i] == 'name' and group[i + 1] == ARGV[1] then
+        for k = 1, #group, 2 do
+          if group[k] == 'last-delivered-id' then
+            local ms, seq = string.match(group[k + 1], '(%d+)-(%d+)')
+            minid = ms .. '-' .. (tonumber(seq) + 1)
+          end
+        end
+      end
+    end
+  end
+end
+if minid then return redis.call('XTRIM', KEYS[1], 'MINID', minid) end
+return 0
+"""
+
+
+class Listener:
+    """Owns the Redis subscription and forwards publications while it holds the lease."""
+
+    def __init__(self, settings: Settings, *, role: str = "listener") -> None:
+        self.settings = settings
+        self.role = role
+        self.consumer = client_name(role)
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._lease: Lease | None = None
+        self.counts: Counter[str] = Counter()
+        self._drops = RateLimited(log)
+        self._patterns = (TOPIC_CHANNEL_PATTERN, *settings.subscribe)
+
+    # -- lifecycle --------------------------------------------------------
+
+    def run(self) -> bool:
+        """Hold the lease and forward until stopped; False when another listener holds it."""
+        client = self._connect_until_up()
+        if client is None:
+            return False
+        self._lease = Lease(client, self.settings.lease_ttl_ms, since_ms=now_ms())
+        try:
+            acquired = self._lease.acquire()
+        except _REDIS_DOWN:
+            acquired = False
+        if not acquired:
+            log.info("lease held by another listener; exiting")
+            return False
+        log.info("acquired the listener lease; forwarding")
+        self._threads = [
+            threading.Thread(target=self._guard, args=(self._read_pubsub,), name="pubsub"),
+            threading.Thread(target=self._guard, args=(self._read_ingest,), name="ingest"),
+        ]
+        for thread in self._threads:
+            thread.daemon = True
+            thread.start()
+        try:
+            self._hold_lease(client)
+        finally:
+            self._stop.set()
+            for thread in self._threads:
+                thread.join(timeout=5)
+            try:
+                if self._lease.release():
+                    log.info("released the listener lease")
+            except _REDIS_DOWN:
+                log.warning("could not release the lease: Redis unavailable; it will expire")
+        return True
+
+    def stop(self) -> None:
+        """Ask every loop to finish; safe from a signal handler."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        """Tell whether a stop was requested or the lease was lost."""
+        return self._stop.is_set()
+
+    # -- the lease ------------------------------------------------------------
+
+    def _hold_lease(self, client: redis.Redis) -> None:
+        assert self._lease is not None
+        interval = self._lease.ttl_ms / 3000
+        down_since: float | None = None
+        while not self._stop.wait(interval):
+            try:
+                if self._lease.renew() or self._lease.acquire():
+                    if down_since is not None:
+                        log.info("Redis is back; lease renewed")
+                        down_since = None
+                    continue
+            except _REDIS_DOWN:
+                if down_since is None:
+                    down_since = time.monotonic()
+                    log.warning("Redis unavailable; lease renewal will retry")
+                continue
+            log.warning("lost the listener lease to another listener; stopping")
+            self._stop.set()
+
+    def _guard(self, loop: Callable[[], None]) -> None:
+        try:
+            loop()
+        except Fenced:
+            log.warning("fenced: another listener holds the lease; stopping")
+        except Exception:
+            log.exception("listener loop crashed; stopping so a fresh listener takes over")
+        finally:
+            self._stop.set()
+
+    # -- connections ----------------------------------------------------------
+
+    def _connect_until_up(self) -> redis.Redis | None:
+        backoff = BACKOFF_START
+        warned = False
+        while not self._stop.is_set():
+            client = connect(self.settings.redis_url, self.role)
+            try:
+                client.ping()
+                if warned:
+                    log.info("Redis is back")
+                return client
+            except _REDIS_DOWN as exc:
+                client.close()
+                if not warned:
+                    log.warning("Redis unavailable (%s); retrying", exc)
+                    warned = True
+            self._stop.wait(backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX)
+        return None
+
+    @contextmanager
+    def _outage(self, what: str) -> Iterator[None]:
+        """Turn a Redis outage inside the block into one log line and a backoff."""
+        try:
+            yield
+        except _REDIS_DOWN as exc:
+            self.counts["redis_reconnects"] += 1
+            log.warning("%s: Redis unavailable (%s); reconnecting", what, exc)
+            self._stop.wait(BACKOFF_START)
+        except redis.ResponseError as exc:
+            # The stream or its group vanished (a Redis restarted without
+            # persistence, or an operator's DEL): recreate and go on.
+            if "NOGROUP" not in str(exc):
+                raise
+            log.warning("%s: consumer group missing; recreating it", what)
+
+    def _forwarder(self, client: redis.Redis) -> Forwarder:
+        return Forwarder(
+            client,
+            history_size=self.settings.history_size,
+            history_ttl=self.settings.history_ttl,
+        )
+
+    # -- pub/sub path -----------------------------------------------------------
+
+    def _read_pubsub(self) -> None:
+        while not self._stop.is_set():
+            client = self._connect_until_up()
+            if client is None:
+                return
+            pubsub = client.pubsub(ignore_subscribe_messages=True)
+            with self._outage("pub/sub"):
+                pubsub.psubscribe(*self._patterns)
+                log.info("subscribed to %s", ", ".join(self._patterns))
+                self._pump_pubsub(pubsub, self._forwarder(client))
+            pubsub.close()
+            client.close()
+
+    def _pump_pubsub(self, pubsub: redis.client.PubSub, forwarder: Forwarder) -> None:
+        assert self._lease is not None
+        while not self._stop.is_set():
+            message = pubsub.get_message(timeout=POLL_SECONDS)
+            if message is None:
+                continue
+            batch: list[Publication] = []
+            while message is not None:
+                pub = self._from_pubsub(message)
+                if pub is not None:
+                    batch.append(pub)
+                if len(batch) >= MAX_BATCH:
+                    break
+                message = pubsub.get_message(timeout=0)
+            if batch:
+                forwarder.forward(batch, lease_token=self._lease.token)
+                self.counts["forwarded_pubsub"] += len(batch)
+
+    def _from_pubsub(self, message: dict) -> Publication | None:
+        if message.get("type") != "pmessage":
+            return None
+        channel = message["channel"].decode("utf-8", "replace")
+        pattern = message["pattern"].decode("utf-8", "replace")
+        if pattern == TOPIC_CHANNEL_PATTERN:
+            topic = channel[len(TOPIC_CHANNEL_PREFIX) :]
+        elif channel.startswith("tidings:"):
+            return None  # Tidings' own channels caught by a broad extra pattern
+        else:
+            topic = channel
+        return self._publication(topic, message["data"], None, "pubsub")
+
+    def _publication(
+        self, topic: str, raw: bytes | None, published_ms: int | None, path: str
+    ) -> Publication | None:
+        self.counts["received_" + path] += 1
+        try:
+            if not is_valid_topic(topic):
+                raise DroppedPublication("invalid_topic")
+            if raw is None:
+                raise DroppedPublication("malformed", "no data field")
+            return Publication(topic, to_json_text(raw, self.settings.max_payload), published_ms)
+        except DroppedPublication as drop:
+            self.counts["dropped_" + drop.reason] += 1
+            self._drops.warning(
+                drop.reason, "dropped a publication (%s) on topic %.140r via %s", drop, topic, path
+            )
+            return None
+
+    # -- ingest path ------------------------------------------------------------
+
+    def _read_ingest(self) -> None:
+        while not self._stop.is_set():
+            client = self._connect_until_up()
+            if client is None:
+                return
+            with self._outage("ingest"):
+                self._ensure_group(client)
+                self._pump_ingest(client, self._forwarder(client))
+            client.close()
+
+    def _ensure_group(self, client: redis.Redis) -> None:
+        try:
+            # Id 0: entries written before the first listener ever ran are read too.
+            client.xgroup_create(INGEST_STREAM, INGEST_GROUP, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def _pump_ingest(self, client: redis.Redis, forwarder: Forwarder) -> None:
+        assert self._lease is not None
+        trim = client.register_script(_TRIM_INGEST)
+        # After any (re)connect, entries this consumer read but did not ack
+        # come first: the forward that failed may not have happened at all.
+        self._forward_entries(forwarder, self._own_pending(client))
+        last_claim = last_trim = 0.0
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if now - last_claim >= CLAIM_EVERY_SECONDS:
+                self._claim_orphans(client, forwarder)
+                last_claim = now
+            if now - last_trim >= TRIM_EVERY_SECONDS:
+                trim(keys=[INGEST_STREAM], args=[INGEST_GROUP])
+                last_trim = now
+            reply = client.xreadgroup(
+                INGEST_GROUP,
+                self.consumer,
+                {INGEST_STREAM: ">"},
+                count=MAX_BATCH,
+                block=int(POLL_SECONDS * 1000),
+            )
+            if reply:
+                self._forward_entries(forwarder, reply[0][1])
+
+    def _own_pending(self, client: redis.Redis) -> list:
+        entries: list = []
+        start = "0"
+        while True:
+            reply = client.xreadgroup(
+                INGEST_GROUP, self.consumer, {INGEST_STREAM: start}, count=MAX_BATCH
+            )
+            batch = reply[0][1] if reply else []
+            if not batch:
+                return entries
+            entries += batch
+            start = batch[-1][0]
+
+    def _claim_orphans(self, client: redis.Redis, forwarder: Forwarder) -> None:
+        start = "0-0"
+        while True:
+            start, entries, *_ = client.xautoclaim(
+                INGEST_STREAM,
+                INGEST_GROUP,
+                self.consumer,
+                min_idle_time=CLAIM_IDLE_MS,
+                start_id=start,
+                count=MAX_BATCH,
+            )
+            if entries:
+                log.info("claimed %d ingest entries left pending by another listener", len(entries))
+                self._forward_entries(forwarder, entries)
+            if start in (b"0-0", "0-0"):
+                return
+
+    def _forward_entries(self, forwarder: Forwarder, entries: list) -> None:
+        assert self._lease is not None
+        for start in range(0, len(entries), MAX_BATCH):
+            batch: list[Publication] = []
+            ack_ids = []
+            for entry_id, fields in entries[start : start + MAX_BATCH]:
+                ack_ids.append(entry_id)
+                if fields is None:  # deleted from the stream while pending
+                    continue
+                pub = self._from_ingest(fields)
+                if pub is not None:
+                    batch.append(pub)
+            forwarder.forward(batch, ack_ids=ack_ids, lease_token=self._lease.token)
+            self.counts["forwarded_ingest"] += len(batch)
+
+    def _from_ingest(self, fields: dict[bytes, bytes]) -> Publication | None:
+        topic = fields.get(b"topic", b"").decode("utf-8", "replace")
+        published = fields.get(b"ts", b"")
+        published_ms = int(published) if published.isdigit() else None
+        return self._publication(topic, fields.get(b"data"), published_ms, "ingest")

@@ -1,0 +1,45 @@
+"""The Tidings web tier: Flask + Flask-SocketIO, run by gunicorn's gevent websocket worker."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Flask
+
+from tidings.connection import connect
+from tidings.logs import configure
+from tidings.settings import Settings, load_or_exit
+from webapp import api, cli, dashboard, health, realtime
+from webapp.extensions import socketio
+from webapp.queue import QueueManager
+
+
+def create_app(test_config: dict[str, Any] | None = None) -> Flask:
+    """Build the app; `test_config` may carry `SETTINGS` and `ASYNC_MODE`."""
+    app = Flask(__name__)
+    app.config.from_mapping(ASYNC_MODE="gevent")
+    if test_config:
+        app.config.update(test_config)
+    settings: Settings = app.config.get("SETTINGS") or load_or_exit()
+    configure("web", settings.log_level)
+    app.extensions["tidings.settings"] = settings
+    app.extensions["tidings.redis"] = connect(settings.redis_url, "web")
+    manager = QueueManager(settings.redis_url)
+    app.extensions["tidings.queue"] = manager
+    socketio.init_app(
+        app,
+        async_mode=app.config["ASYNC_MODE"],
+        client_manager=manager,
+        # None means same origin only (python-engineio compares with Host).
+        cors_allowed_origins=list(settings.cors_origins) or None,
+        logger=False,
+        engineio_logger=False,
+    )
+    # Subscribe to the queue now rather than at the first client's connect,
+    # so that /readyz tells the truth from the start.
+    if not socketio.server.manager_initialized:
+        socketio.server.manager_initialized = True
+        manager.initialize()
+    for feature in (realtime, health, api, dashboard, cli):
+        feature.init_app(app)
+    return app

@@ -1,0 +1,60 @@
+"""Flask CLI commands: `flask --app webapp publish` and `flask --app webapp token`."""
+
+from __future__ import annotations
+
+import json
+
+import click
+import redis
+from flask import Flask, current_app
+
+from tidings.publishing import PublishError, publish
+from webapp.grants import make_token
+
+
+@click.command("publish")
+@click.argument("topic")
+@click.argument("data")
+@click.option("--fast", is_flag=True, help="PUBLISH on tidings:topic:<topic> (at most once).")
+def publish_command(topic: str, data: str, fast: bool) -> None:
+    """Publish DATA (a JSON value) on TOPIC; durable through the ingest stream by default."""
+    try:
+        value = json.loads(data)
+    except ValueError as exc:
+        raise click.BadParameter(
+            f"not JSON ({exc}); quote strings: '\"text\"'", param_hint="DATA"
+        ) from None
+    try:
+        result = publish(
+            topic,
+            value,
+            durable=not fast,
+            client=current_app.extensions["tidings.redis"],
+            settings=current_app.extensions["tidings.settings"],
+        )
+    except PublishError as exc:
+        raise click.UsageError(str(exc)) from None
+    except redis.RedisError as exc:
+        raise click.ClickException(f"Redis unavailable: {exc}") from None
+    if fast:
+        click.echo(f"published to {result} listener(s)")
+    else:
+        click.echo(result)
+
+
+@click.command("token")
+@click.option("--sub", required=True, help="User id (the `sub` claim).")
+@click.option("--topic", "topics", multiple=True, required=True, help="Topic glob; repeatable.")
+@click.option("--ttl", default=3600, show_default=True, type=click.IntRange(1), help="Seconds.")
+def token_command(sub: str, topics: tuple[str, ...], ttl: int) -> None:
+    """Print a connection token (JWT HS256 signed with TIDINGS_SECRET)."""
+    secret = current_app.extensions["tidings.settings"].secret
+    if not secret:
+        raise click.UsageError("TIDINGS_SECRET is not set: there is no key to sign tokens with")
+    click.echo(make_token(secret, sub, list(topics), ttl))
+
+
+def init_app(app: Flask) -> None:
+    """Register the CLI commands."""
+    app.cli.add_command(publish_command)
+    app.cli.add_command(token_command)

@@ -1,0 +1,267 @@
+/*
+ * The Tidings live dashboard (GET /). Plain ES2017, no framework.
+ *
+ * Publication data is untrusted: it is only ever rendered with textContent,
+ * never parsed as HTML.
+ */
+(function () {
+  'use strict';
+
+  var MAX_ROWS = 500;
+  var TOPIC_RE = /^[A-Za-z0-9_.\-]{1,128}$/;
+  var TOKEN_KEY = 'tidings.token';
+
+  function $(id) { return document.getElementById(id); }
+
+  function el(tag, className, text) {
+    var node = document.createElement(tag);
+    if (className) node.className = className;
+    if (text !== undefined) node.textContent = text;
+    return node;
+  }
+
+  function pretty(data) {
+    try {
+      var text = JSON.stringify(data, null, 2);
+      return text === undefined ? String(data) : text;
+    } catch (e) {
+      return String(data);
+    }
+  }
+
+  function readToken() {
+    try { return sessionStorage.getItem(TOKEN_KEY) || ''; } catch (e) { return ''; }
+  }
+
+  function writeToken(value) {
+    try {
+      if (value) sessionStorage.setItem(TOKEN_KEY, value);
+      else sessionStorage.removeItem(TOKEN_KEY);
+    } catch (e) { /* storage disabled: the token lasts for this page only */ }
+  }
+
+  var ui = {
+    state: $('state'),
+    recovered: $('recovered'),
+    form: $('subscribe-form'),
+    topic: $('topic'),
+    subscribeError: $('subscribe-error'),
+    subscriptions: $('subscriptions'),
+    noSubscriptions: $('no-subscriptions'),
+    list: $('publications'),
+    empty: $('empty'),
+    count: $('count'),
+    clear: $('clear'),
+    startJob: $('start-job'),
+    jobProgress: $('job-progress'),
+    jobStatus: $('job-status'),
+    jobTopic: $('job-topic'),
+    tokenForm: $('token-form'),
+    token: $('token'),
+    tokenClear: $('token-clear'),
+  };
+
+  var token = readToken();
+  var client = new window.Tidings(token ? { token: token } : {});
+  window.tidings = client; // handy from the devtools console
+
+  /* ---- connection state and recovery notice ------------------------- */
+
+  var recoveredSinceConnect = 0;
+
+  client.on('state', function (state) {
+    ui.state.textContent = state;
+    ui.state.setAttribute('data-state', state);
+    if (state === 'connected') recoveredSinceConnect = 0;
+  });
+
+  client.on('recovered', function (info) {
+    recoveredSinceConnect += info.count;
+    ui.recovered.textContent = 'recovered ' + recoveredSinceConnect;
+    ui.recovered.title = 'Publications missed while disconnected, replayed from history';
+    ui.recovered.hidden = false;
+  });
+
+  client.on('gap', function (info) {
+    showError('Some publications on ' + info.topic +
+      ' are no longer in history and were missed while disconnected.');
+  });
+
+  client.on('error', function (info) {
+    if (info.topic === null) {
+      showError('Connection refused: ' + info.error +
+        (info.error === 'invalid_token' ? ' (check the access token)' : ''));
+    }
+  });
+
+  function showError(text) {
+    ui.subscribeError.textContent = text;
+    ui.subscribeError.hidden = !text;
+  }
+
+  /* ---- publications ------------------------------------------------- */
+
+  var rowCount = 0;
+
+  function renderRow(pub, recovered) {
+    var row = el('li', 'publication' + (recovered ? ' is-recovered' : ''));
+    row.setAttribute('data-topic', pub.topic);
+    row.setAttribute('data-offset', pub.offset);
+
+    var meta = el('div', 'meta');
+    meta.appendChild(el('span', 'topic', pub.topic));
+    meta.appendChild(el('span', 'offset', pub.offset));
+    if (recovered) meta.appendChild(el('span', 'badge', 'recovered'));
+    var time = el('time', 'received', new Date().toLocaleTimeString());
+    time.setAttribute('datetime', new Date().toISOString());
+    meta.appendChild(time);
+
+    row.appendChild(meta);
+    row.appendChild(el('pre', 'data', pretty(pub.data)));
+    return row;
+  }
+
+  function showPublications(pubs, info) {
+    pubs.forEach(function (pub) {
+      // Each publication goes on top: the list reads newest first.
+      ui.list.insertBefore(renderRow(pub, info.recovered), ui.list.firstChild);
+      rowCount++;
+    });
+    while (ui.list.children.length > MAX_ROWS) ui.list.removeChild(ui.list.lastChild);
+    ui.count.textContent = String(rowCount);
+    ui.empty.hidden = ui.list.children.length > 0;
+  }
+
+  ui.clear.addEventListener('click', function () {
+    while (ui.list.firstChild) ui.list.removeChild(ui.list.firstChild);
+    rowCount = 0;
+    ui.count.textContent = '0';
+    ui.empty.hidden = false;
+  });
+
+  /* ---- subscriptions ------------------------------------------------ */
+
+  var subscriptionRows = new Map(); // topic -> <li>
+
+  function refreshSubscriptionsHint() {
+    ui.noSubscriptions.hidden = subscriptionRows.size > 0;
+  }
+
+  function removeSubscriptionRow(topic) {
+    var row = subscriptionRows.get(topic);
+    if (row) row.remove();
+    subscriptionRows.delete(topic);
+    refreshSubscriptionsHint();
+  }
+
+  function addSubscriptionRow(topic) {
+    if (subscriptionRows.has(topic)) return subscriptionRows.get(topic);
+    var row = el('li', 'subscription pending');
+    row.setAttribute('data-topic', topic);
+    row.appendChild(el('span', 'dot'));
+    row.appendChild(el('code', 'name', topic));
+    var button = el('button', 'unsubscribe secondary', 'Unsubscribe');
+    button.type = 'button';
+    button.setAttribute('aria-label', 'Unsubscribe from ' + topic);
+    button.addEventListener('click', function () { unsubscribe(topic); });
+    row.appendChild(button);
+    ui.subscriptions.appendChild(row);
+    subscriptionRows.set(topic, row);
+    refreshSubscriptionsHint();
+    return row;
+  }
+
+  function subscribe(topic, handler) {
+    var row = addSubscriptionRow(topic);
+    return client.subscribe(topic, handler || showPublications).then(function (ack) {
+      if (ack.ok) {
+        row.classList.remove('pending');
+      } else if (ack.error !== 'unsubscribed') {
+        removeSubscriptionRow(topic);
+        showError('Cannot subscribe to ' + topic + ': ' + ack.error);
+      }
+      return ack;
+    });
+  }
+
+  function unsubscribe(topic) {
+    removeSubscriptionRow(topic);
+    return client.unsubscribe(topic);
+  }
+
+  ui.form.addEventListener('submit', function (event) {
+    event.preventDefault();
+    var topic = ui.topic.value.trim();
+    if (!TOPIC_RE.test(topic)) {
+      showError('A topic is 1 to 128 characters of A-Z a-z 0-9 _ . -');
+      return;
+    }
+    showError('');
+    subscribe(topic);
+  });
+
+  /* ---- progress demo ------------------------------------------------ */
+
+  function setJob(percent, status) {
+    ui.jobProgress.value = Math.max(0, Math.min(100, percent));
+    ui.jobStatus.textContent = status;
+  }
+
+  function onJobPublications(topic) {
+    return function (pubs, info) {
+      showPublications(pubs, info);
+      pubs.forEach(function (pub) {
+        var d = pub.data || {};
+        if (d.done === true) {
+          setJob(100, 'done');
+          ui.startJob.disabled = false;
+          unsubscribe(topic);
+        } else if (typeof d.percent === 'number') {
+          var step = typeof d.step === 'number' && typeof d.steps === 'number'
+            ? 'step ' + d.step + ' of ' + d.steps + ' · ' : '';
+          setJob(d.percent, step + d.percent + '%');
+        }
+      });
+    };
+  }
+
+  ui.startJob.addEventListener('click', function () {
+    ui.startJob.disabled = true;
+    setJob(0, 'starting…');
+    ui.jobTopic.textContent = '';
+    fetch('/api/demo/progress', {
+      method: 'POST',
+      headers: { 'Content-Type': 'application/json', Accept: 'application/json' },
+      body: '{}',
+      credentials: 'same-origin',
+    }).then(function (response) {
+      if (!response.ok) throw new Error('HTTP ' + response.status);
+      return response.json();
+    }).then(function (job) {
+      if (!job || !TOPIC_RE.test(job.topic || '')) throw new Error('unexpected answer');
+      ui.jobTopic.textContent = job.topic;
+      ui.jobStatus.textContent = 'queued';
+      return subscribe(job.topic, onJobPublications(job.topic));
+    }).then(function (ack) {
+      if (!ack.ok && ack.error !== 'unsubscribed') throw new Error(ack.error);
+    }).catch(function (err) {
+      setJob(0, 'failed: ' + err.message);
+      ui.startJob.disabled = false;
+    });
+  });
+
+  /* ---- access token -------------------------------------------------- */
+
+  ui.token.value = token;
+  ui.tokenForm.addEventListener('submit', function (event) {
+    event.preventDefault();
+    writeToken(ui.token.value.trim());
+    location.reload();
+  });
+  ui.tokenClear.addEventListener('click', function () {
+    writeToken('');
+    location.reload();
+  });
+
+  refreshSubscriptionsHint();
+})();
