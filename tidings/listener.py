@@ -87,6 +87,7 @@ class Listener:
         self.counts: Counter[str] = Counter()
         self._drops = RateLimited(log)
         self._patterns = (TOPIC_CHANNEL_PATTERN, *settings.subscribe)
+        self.claim_idle_ms = CLAIM_IDLE_MS
 
     # -- lifecycle --------------------------------------------------------
 
@@ -238,8 +239,21 @@ class Listener:
                     break
                 message = pubsub.get_message(timeout=0)
             if batch:
-                forwarder.forward(batch, lease_token=self._lease.token)
+                self._forward(forwarder, batch, [])
                 self.counts["forwarded_pubsub"] += len(batch)
+
+    def _forward(self, forwarder: Forwarder, batch: list[Publication], ack_ids: list) -> None:
+        assert self._lease is not None
+        try:
+            forwarder.forward(batch, ack_ids=ack_ids, lease_token=self._lease.token)
+        except Fenced:
+            # A lease that merely expired (a Redis restart loses it) is ours to
+            # take back; one held by another listener is not. The fenced call
+            # changed nothing, so retrying it cannot duplicate.
+            if not self._lease.acquire():
+                raise
+            log.info("the lease had expired (Redis restarted?); re-acquired it")
+            forwarder.forward(batch, ack_ids=ack_ids, lease_token=self._lease.token)
 
     def _from_pubsub(self, message: dict) -> Publication | None:
         if message.get("type") != "pmessage":
@@ -336,7 +350,7 @@ class Listener:
                 INGEST_STREAM,
                 INGEST_GROUP,
                 self.consumer,
-                min_idle_time=CLAIM_IDLE_MS,
+                min_idle_time=self.claim_idle_ms,
                 start_id=start,
                 count=MAX_BATCH,
             )
@@ -358,7 +372,7 @@ class Listener:
                 pub = self._from_ingest(fields)
                 if pub is not None:
                     batch.append(pub)
-            forwarder.forward(batch, ack_ids=ack_ids, lease_token=self._lease.token)
+            self._forward(forwarder, batch, ack_ids)
             self.counts["forwarded_ingest"] += len(batch)
 
     def _from_ingest(self, fields: dict[bytes, bytes]) -> Publication | None:

@@ -61,7 +61,7 @@ class Settings:
             worker_connections=_int(
                 env, "TIDINGS_WORKER_CONNECTIONS", cls.worker_connections, 1, 1_000_000
             ),
-            secret=env.get("TIDINGS_SECRET") or None,
+            secret=_secret(env.get("TIDINGS_SECRET", "")),
             public_topics=_patterns(env, "TIDINGS_PUBLIC_TOPICS", "public.*"),
             api_key=env.get("TIDINGS_API_KEY") or None,
             max_payload=_int(env, "TIDINGS_MAX_PAYLOAD", cls.max_payload, 1, 512 * 1024 * 1024),
@@ -153,6 +153,15 @@ def _bind(raw: str) -> str:
         raise ConfigError("TIDINGS_BIND", f"expected HOST:PORT, got {raw!r}")
     _int_in("TIDINGS_BIND", port, 1, 65535)
     return raw.strip()
+
+
+def _secret(raw: str) -> str | None:
+    if not raw:
+        return None
+    # RFC 7518: an HS256 key shorter than the hash is guessable offline.
+    if len(raw.encode()) < 32:
+        raise ConfigError("TIDINGS_SECRET", "must be at least 32 bytes (try: openssl rand -hex 32)")
+    return raw
 
 
 def _split(raw: str) -> tuple[str, ...]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from flask import Flask
+from gevent import monkey
 
 from tidings.connection import connect
 from tidings.logs import configure
@@ -15,16 +16,24 @@ from webapp.queue import QueueManager
 
 
 def create_app(test_config: dict[str, Any] | None = None) -> Flask:
-    """Build the app; `test_config` may carry `SETTINGS` and `ASYNC_MODE`."""
+    """Build the app; `test_config` may carry `SETTINGS`, `ASYNC_MODE`, `SUBSCRIBE_QUEUE`."""
     app = Flask(__name__)
-    app.config.from_mapping(ASYNC_MODE="gevent")
+    serving = monkey.is_module_patched("socket")  # inside gunicorn's gevent worker
+    app.config.from_mapping(
+        ASYNC_MODE="gevent" if serving else "threading",
+        # CLI commands build the app too; only a serving worker listens.
+        SUBSCRIBE_QUEUE=serving,
+        # False only for Flask-SocketIO's in-process test client, which
+        # refuses a message queue.
+        QUEUE=True,
+    )
     if test_config:
         app.config.update(test_config)
     settings: Settings = app.config.get("SETTINGS") or load_or_exit()
     configure("web", settings.log_level)
     app.extensions["tidings.settings"] = settings
     app.extensions["tidings.redis"] = connect(settings.redis_url, "web")
-    manager = QueueManager(settings.redis_url)
+    manager = QueueManager(settings.redis_url) if app.config["QUEUE"] else None
     app.extensions["tidings.queue"] = manager
     socketio.init_app(
         app,
@@ -37,7 +46,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     )
     # Subscribe to the queue now rather than at the first client's connect,
     # so that /readyz tells the truth from the start.
-    if not socketio.server.manager_initialized:
+    if manager and app.config["SUBSCRIBE_QUEUE"] and not socketio.server.manager_initialized:
         socketio.server.manager_initialized = True
         manager.initialize()
     for feature in (realtime, health, api, dashboard, cli):

@@ -7,6 +7,7 @@ import json
 import click
 import redis
 from flask import Flask, current_app
+from flask.cli import with_appcontext
 
 from tidings.publishing import PublishError, publish
 from webapp.grants import make_token
@@ -16,6 +17,7 @@ from webapp.grants import make_token
 @click.argument("topic")
 @click.argument("data")
 @click.option("--fast", is_flag=True, help="PUBLISH on tidings:topic:<topic> (at most once).")
+@with_appcontext
 def publish_command(topic: str, data: str, fast: bool) -> None:
     """Publish DATA (a JSON value) on TOPIC; durable through the ingest stream by default."""
     try:
@@ -46,6 +48,7 @@ def publish_command(topic: str, data: str, fast: bool) -> None:
 @click.option("--sub", required=True, help="User id (the `sub` claim).")
 @click.option("--topic", "topics", multiple=True, required=True, help="Topic glob; repeatable.")
 @click.option("--ttl", default=3600, show_default=True, type=click.IntRange(1), help="Seconds.")
+@with_appcontext
 def token_command(sub: str, topics: tuple[str, ...], ttl: int) -> None:
     """Print a connection token (JWT HS256 signed with TIDINGS_SECRET)."""
     secret = current_app.extensions["tidings.settings"].secret

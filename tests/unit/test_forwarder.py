@@ -1,0 +1,102 @@
+import json
+
+import pytest
+import redis
+
+from tidings.forwarder import Fenced, Forwarder, Publication
+from tidings.history import parse_offset, recover
+from tidings.keys import INGEST_GROUP, INGEST_STREAM, LEASE_KEY, SOCKETIO_CHANNEL
+from tidings.lease import Lease
+
+
+@pytest.fixture
+def forwarder(redis_client: redis.Redis) -> Forwarder:
+    return Forwarder(redis_client, history_size=5, history_ttl=100)
+
+
+def queue_messages(pubsub: redis.client.PubSub) -> list[dict]:
+    messages = []
+    while (message := pubsub.get_message(timeout=0.2)) is not None:
+        if message["type"] == "message":
+            messages.append(json.loads(message["data"]))
+    return messages
+
+
+def test_one_queue_message_per_topic_with_increasing_offsets(
+    redis_client: redis.Redis, forwarder: Forwarder
+) -> None:
+    pubsub = redis_client.pubsub()
+    pubsub.subscribe(SOCKETIO_CHANNEL)
+    offsets = forwarder.forward(
+        [
+            Publication("a", '{"n":1}', 5),
+            Publication("b", '"x"'),
+            Publication("a", "[2]"),
+        ]
+    )
+    assert len(offsets) == 3
+    messages = queue_messages(pubsub)
+    assert [m["room"] for m in messages] == ["t:a", "t:b"]
+    first = messages[0]
+    # python-socketio's pub/sub manager format: one argument, the list.
+    assert first["method"] == "emit" and first["event"] == "publications"
+    assert first["namespace"] == "/" and first["callback"] is None
+    pubs = first["data"][0]
+    assert [p["data"] for p in pubs] == [{"n": 1}, [2]]
+    assert parse_offset(pubs[0]["offset"]) < parse_offset(pubs[1]["offset"])
+    assert redis_client.ttl("tidings:history:a") > 90
+    fields = redis_client.xrange("tidings:history:a")[0][1]
+    assert fields == {b"d": b'{"n":1}', b"t": b"5"}
+
+
+def test_history_is_capped_at_history_size(redis_client: redis.Redis, forwarder: Forwarder) -> None:
+    forwarder.forward([Publication("a", str(i)) for i in range(12)])
+    assert redis_client.xlen("tidings:history:a") == 5
+
+
+def test_recover_since_an_offset_still_in_history(
+    redis_client: redis.Redis, forwarder: Forwarder
+) -> None:
+    offsets = forwarder.forward([Publication("a", str(i)) for i in range(4)])
+    recovery = recover(redis_client, "a", offsets[1])
+    assert recovery.recovered and recovery.offset == offsets[-1]
+    assert [p["data"] for p in recovery.publications] == [2, 3]
+    assert recover(redis_client, "a", offsets[-1]).publications == []
+
+
+def test_recover_reports_a_gap_once_since_was_trimmed_or_is_bogus(
+    redis_client: redis.Redis, forwarder: Forwarder
+) -> None:
+    offsets = forwarder.forward([Publication("a", str(i)) for i in range(8)])
+    trimmed = recover(redis_client, "a", offsets[0])
+    assert not trimmed.recovered and trimmed.offset == offsets[-1]
+    for bogus in ["0-1", "9999999999999-0", "nonsense", 12, {"x": 1}]:
+        assert not recover(redis_client, "a", bogus).recovered
+    fresh = recover(redis_client, "nothing.yet", None)
+    assert fresh.offset is None and fresh.publications == []
+
+
+def test_fenced_forwarder_writes_and_emits_nothing(
+    redis_client: redis.Redis, forwarder: Forwarder
+) -> None:
+    lease = Lease(redis_client, 5000, since_ms=0)
+    assert lease.acquire()
+    forwarder.forward([Publication("a", "1")], lease_token=lease.token)
+    redis_client.set(LEASE_KEY, "someone else")
+    pubsub = redis_client.pubsub()
+    pubsub.subscribe(SOCKETIO_CHANNEL)
+    with pytest.raises(Fenced):
+        forwarder.forward([Publication("a", "2")], lease_token=lease.token)
+    assert redis_client.xlen("tidings:history:a") == 1
+    assert queue_messages(pubsub) == []
+
+
+def test_ingest_entries_are_acked_in_the_same_step(
+    redis_client: redis.Redis, forwarder: Forwarder
+) -> None:
+    redis_client.xgroup_create(INGEST_STREAM, INGEST_GROUP, id="0", mkstream=True)
+    ids = [redis_client.xadd(INGEST_STREAM, {"topic": "a", "data": "1"}) for _ in range(3)]
+    redis_client.xreadgroup(INGEST_GROUP, "c", {INGEST_STREAM: ">"})
+    assert redis_client.xpending(INGEST_STREAM, INGEST_GROUP)["pending"] == 3
+    forwarder.forward([Publication("a", "1")], ack_ids=ids)
+    assert redis_client.xpending(INGEST_STREAM, INGEST_GROUP)["pending"] == 0

@@ -1,0 +1,153 @@
+"""The listener loop against a real Redis: both paths, bad input, lease, outages."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from tests.support import RedisServer, wait_for
+from tidings.keys import INGEST_GROUP, INGEST_STREAM, LEASE_KEY, SOCKETIO_CHANNEL
+from tidings.lease import Lease
+from tidings.listener import Listener
+from tidings.settings import Settings
+
+
+class Running:
+    """A Listener on a thread, with the queue messages it emits collected."""
+
+    def __init__(self, settings: Settings, client: redis.Redis) -> None:
+        self.listener = Listener(settings)
+        self.result: list[bool] = []
+        self.thread = threading.Thread(target=lambda: self.result.append(self.listener.run()))
+        self.client = client
+        self.pubsub = client.pubsub(ignore_subscribe_messages=True)
+        self.pubsub.subscribe(SOCKETIO_CHANNEL)
+        self.received: list[dict] = []
+
+    def start(self) -> Running:
+        self.thread.start()
+        wait_for(lambda: self.client.exists(LEASE_KEY), timeout=5)
+        wait_for(lambda: int(self.client.pubsub_numpat()) >= 1, timeout=5)
+        return self
+
+    def publications(self) -> list[dict]:
+        while (message := self.pubsub.get_message(timeout=0.01)) is not None:
+            self.received += json.loads(message["data"])["data"][0]
+        return self.received
+
+    def stop(self) -> None:
+        self.listener.stop()
+        self.thread.join(timeout=10)
+        assert not self.thread.is_alive()
+
+
+@pytest.fixture
+def running(redis_client: redis.Redis, settings: Settings) -> Iterator[Running]:
+    listener = Running(settings, redis_client).start()
+    yield listener
+    listener.stop()
+
+
+def test_forwards_both_paths_and_drops_bad_input_without_losing_the_rest(
+    running: Running, redis_client: redis.Redis
+) -> None:
+    redis_client.publish("tidings:topic:public.a", b'{"n": 1}')
+    redis_client.publish("tidings:topic:public.a", b"\xff not utf-8")
+    redis_client.publish("tidings:topic:bad:topic", b"1")
+    redis_client.publish("tidings:topic:public.a", b"x" * 70000)
+    redis_client.publish("tidings:topic:public.a", b"plain")
+    redis_client.xadd(INGEST_STREAM, {"topic": "public.b", "data": "[1]"})
+    redis_client.xadd(INGEST_STREAM, {"topic": "public.b"})
+    redis_client.xadd(INGEST_STREAM, {"nothing": "useful"})
+    redis_client.xadd(INGEST_STREAM, {"topic": "public.b", "data": b"\xc3"})
+    redis_client.xadd(INGEST_STREAM, {"topic": "public.b", "data": "2"})
+    wait_for(lambda: len(running.publications()) >= 4, timeout=5)
+    got = {(p["topic"], json.dumps(p["data"])) for p in running.publications()}
+    assert got == {
+        ("public.a", '{"n": 1}'),
+        ("public.a", '"plain"'),
+        ("public.b", "[1]"),
+        ("public.b", "2"),
+    }
+    counts = running.listener.counts
+    assert counts["dropped_invalid_utf8"] == 2
+    assert counts["dropped_invalid_topic"] == 2  # bad:topic and the entry without a topic
+    assert counts["dropped_too_large"] == 1 and counts["dropped_malformed"] == 1
+    # Dropped ingest entries are acknowledged too: nothing stays pending.
+    wait_for(lambda: redis_client.xpending(INGEST_STREAM, INGEST_GROUP)["pending"] == 0)
+
+
+def test_a_second_listener_finds_the_lease_held_and_returns(
+    running: Running, settings: Settings
+) -> None:
+    assert Listener(settings).run() is False
+
+
+def test_acked_ingest_entries_are_trimmed(running: Running, redis_client: redis.Redis) -> None:
+    for i in range(50):
+        redis_client.xadd(INGEST_STREAM, {"topic": "public.t", "data": str(i)})
+    wait_for(lambda: len(running.publications()) == 50, timeout=5)
+    wait_for(lambda: redis_client.xlen(INGEST_STREAM) == 0, timeout=5)
+
+
+def test_entries_left_pending_by_a_dead_listener_are_claimed(
+    redis_client: redis.Redis, settings: Settings
+) -> None:
+    redis_client.xgroup_create(INGEST_STREAM, INGEST_GROUP, id="0", mkstream=True)
+    for i in range(3):
+        redis_client.xadd(INGEST_STREAM, {"topic": "public.o", "data": str(i)})
+    redis_client.xreadgroup(INGEST_GROUP, "dead-listener", {INGEST_STREAM: ">"})
+    running = Running(settings, redis_client)
+    running.listener.claim_idle_ms = 0
+    running.start()
+    try:
+        wait_for(lambda: len(running.publications()) == 3, timeout=5)
+        assert [p["data"] for p in running.publications()] == [0, 1, 2]
+    finally:
+        running.stop()
+
+
+def test_stops_when_another_listener_takes_the_lease(
+    running: Running, redis_client: redis.Redis, settings: Settings
+) -> None:
+    redis_client.set(LEASE_KEY, "another listener's token")
+    wait_for(lambda: not running.thread.is_alive(), timeout=5)
+    assert running.result == [True]
+    assert redis_client.get(LEASE_KEY) == b"another listener's token"
+
+
+def test_stop_releases_the_lease_at_once(redis_client: redis.Redis, settings: Settings) -> None:
+    running = Running(settings, redis_client).start()
+    running.stop()
+    assert not redis_client.exists(LEASE_KEY)
+
+
+def test_goes_on_after_a_redis_restart(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    settings = Settings.from_env({"TIDINGS_REDIS_URL": server.url()})
+    client = server.client()
+    running = Running(settings, client).start()
+    try:
+        client.publish("tidings:topic:public.r", b"1")
+        wait_for(lambda: len(running.publications()) == 1, timeout=5)
+        server.stop()
+        server.start()
+        running.pubsub = client.pubsub(ignore_subscribe_messages=True)
+        running.pubsub.subscribe(SOCKETIO_CHANNEL)
+
+        def delivered_again() -> bool:
+            client.publish("tidings:topic:public.r", b"2")
+            return any(p["data"] == 2 for p in running.publications())
+
+        wait_for(delivered_again, timeout=10, interval=0.2)
+        # The lease came back with it (the restarted Redis had no data).
+        assert Lease(client, 1000, since_ms=0).acquire() is False
+    finally:
+        running.stop()
+        server.stop()

@@ -1,0 +1,91 @@
+import subprocess
+import sys
+
+import pytest
+
+from tests.support import ROOT
+from tidings.settings import ConfigError, Settings
+
+
+def test_defaults() -> None:
+    settings = Settings.from_env({})
+    assert settings.redis_url == "redis://127.0.0.1:6379/0"
+    assert settings.broker_url == "redis://127.0.0.1:6379/1"
+    assert settings.bind == "127.0.0.1:8000"
+    assert settings.public_topics == ("public.*",)
+    assert settings.secret is None and settings.api_key is None
+    assert (settings.max_payload, settings.history_size, settings.history_ttl) == (
+        65536,
+        1000,
+        86400,
+    )
+
+
+def test_broker_defaults_to_next_db_of_the_same_server() -> None:
+    settings = Settings.from_env({"TIDINGS_REDIS_URL": "redis://:pw@example:6380/4"})
+    assert settings.broker_url == "redis://:pw@example:6380/5"
+
+
+def test_port_sets_the_bind_address_and_tidings_bind_wins() -> None:
+    assert Settings.from_env({"PORT": "5000"}).bind == "0.0.0.0:5000"
+    assert Settings.from_env({"PORT": "5000", "TIDINGS_BIND": "[::1]:9"}).bind == "[::1]:9"
+
+
+def test_lists_are_split_and_trimmed() -> None:
+    settings = Settings.from_env(
+        {
+            "TIDINGS_PUBLIC_TOPICS": " public.*, news.?? ",
+            "TIDINGS_SUBSCRIBE": "legacy.*",
+            "TIDINGS_CORS_ORIGINS": "https://a.example, http://localhost:3000",
+        }
+    )
+    assert settings.public_topics == ("public.*", "news.??")
+    assert settings.subscribe == ("legacy.*",)
+    assert settings.cors_origins == ("https://a.example", "http://localhost:3000")
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("TIDINGS_REDIS_URL", "http://localhost"),
+        ("TIDINGS_REDIS_URL", "redis://localhost:notaport/0"),
+        ("TIDINGS_REDIS_URL", "redis://localhost/abc"),
+        ("TIDINGS_REDIS_URL", "redis:///0"),
+        ("TIDINGS_BROKER_URL", "nonsense"),
+        ("TIDINGS_BIND", "8000"),
+        ("TIDINGS_BIND", "localhost:99999"),
+        ("PORT", "http"),
+        ("WEB_CONCURRENCY", "0"),
+        ("TIDINGS_MAX_PAYLOAD", "-1"),
+        ("TIDINGS_HISTORY_SIZE", "ten"),
+        ("TIDINGS_HISTORY_TTL", "0"),
+        ("TIDINGS_PUBLIC_TOPICS", "bad topic"),
+        ("TIDINGS_SUBSCRIBE", "a:b"),
+        ("TIDINGS_CORS_ORIGINS", "example.com"),
+        ("TIDINGS_LOG_LEVEL", "LOUD"),
+        ("TIDINGS_SECRET", "too-short"),
+    ],
+)
+def test_bad_values_name_the_variable(variable: str, value: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({variable: value})
+    assert caught.value.variable == variable
+    assert str(caught.value).startswith(variable + ":")
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["-m", "gunicorn", "-c", "gunicorn.conf.py", "--check-config"],
+        ["-m", "celery", "-A", "tasks", "inspect", "ping"],
+        ["-m", "flask", "--app", "webapp", "publish", "public.x", "1"],
+    ],
+)
+def test_every_entry_point_stops_with_one_line_naming_the_variable(command: list[str]) -> None:
+    env = {"TIDINGS_HISTORY_SIZE": "-5", "PATH": "/usr/bin:/bin"}
+    result = subprocess.run(
+        [sys.executable, *command], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode != 0
+    assert "TIDINGS_HISTORY_SIZE" in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr

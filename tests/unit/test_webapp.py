@@ -1,0 +1,188 @@
+"""The web tier in-process (Flask and Flask-SocketIO test clients) on a real Redis."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import jwt
+import pytest
+import redis
+from flask import Flask
+
+from tidings.keys import INGEST_STREAM, LEASE_KEY
+from tidings.settings import Settings
+from webapp import create_app
+from webapp.extensions import socketio
+
+SECRET = "a-test-secret-of-at-least-32-bytes!"
+
+
+@pytest.fixture
+def app(redis_client: redis.Redis, redis_server) -> Iterator[Flask]:
+    settings = Settings.from_env(
+        {
+            "TIDINGS_REDIS_URL": redis_server.url(0),
+            "TIDINGS_API_KEY": "k3y",
+            "TIDINGS_SECRET": SECRET,
+            "TIDINGS_MAX_SUBSCRIPTIONS": "3",
+        }
+    )
+    app = create_app({"SETTINGS": settings, "SUBSCRIBE_QUEUE": True, "TESTING": True})
+    yield app
+    app.extensions["tidings.queue"].close()
+
+
+@pytest.fixture
+def socket_app(redis_client: redis.Redis, redis_server) -> Flask:
+    """The app without the queue, for Flask-SocketIO's in-process test client."""
+    settings = Settings.from_env(
+        {
+            "TIDINGS_REDIS_URL": redis_server.url(0),
+            "TIDINGS_SECRET": SECRET,
+            "TIDINGS_MAX_SUBSCRIPTIONS": "3",
+        }
+    )
+    return create_app({"SETTINGS": settings, "QUEUE": False})
+
+
+def test_healthz(app: Flask) -> None:
+    assert app.test_client().get("/healthz").status_code == 200
+
+
+def test_readyz_names_the_missing_listener_then_turns_ready(
+    app: Flask, redis_client: redis.Redis
+) -> None:
+    from tests.support import wait_for
+
+    client = app.test_client()
+    wait_for(lambda: app.extensions["tidings.queue"].subscribed, timeout=5)
+    answer = client.get("/readyz")
+    assert answer.status_code == 503 and answer.json["failing"] == ["listener"]
+    redis_client.set(LEASE_KEY, "x", px=5000)
+    assert client.get("/readyz").status_code == 200
+
+
+def test_publish_api_auth(app: Flask, redis_client: redis.Redis) -> None:
+    client = app.test_client()
+    body = {"topic": "public.a", "data": {"x": 1}}
+    assert client.post("/api/publish", json=body).status_code == 401
+    wrong = {"Authorization": "Bearer nope"}
+    assert client.post("/api/publish", json=body, headers=wrong).status_code == 401
+    right = {"Authorization": "Bearer k3y"}
+    answer = client.post("/api/publish", json=body, headers=right)
+    assert answer.status_code == 202 and answer.json["id"]
+    batch = client.post("/api/publish", json=[body, body], headers=right)
+    assert batch.status_code == 202 and len(batch.json["ids"]) == 2
+    assert redis_client.xlen(INGEST_STREAM) == 3
+
+
+@pytest.mark.parametrize(
+    "body",
+    [None, [], {"topic": "bad topic", "data": 1}, {"topic": "a"}, [{"topic": "a", "data": 1}, 5]],
+)
+def test_publish_api_bad_input_is_a_400_and_publishes_nothing(
+    app: Flask, redis_client: redis.Redis, body: object
+) -> None:
+    answer = app.test_client().post(
+        "/api/publish", json=body, headers={"Authorization": "Bearer k3y"}
+    )
+    assert answer.status_code == 400 and answer.json["ok"] is False
+    assert redis_client.exists(INGEST_STREAM) == 0
+
+
+def test_publish_api_is_disabled_without_a_key(redis_server) -> None:
+    settings = Settings.from_env({"TIDINGS_REDIS_URL": redis_server.url(0)})
+    app = create_app({"SETTINGS": settings})
+    answer = app.test_client().post("/api/publish", json={"topic": "a", "data": 1})
+    assert answer.status_code == 403
+
+
+def test_cli_publish_and_token(app: Flask, redis_client: redis.Redis) -> None:
+    runner = app.test_cli_runner()
+    result = runner.invoke(args=["publish", "public.a", '{"n": 1}'])
+    assert result.exit_code == 0, result.output
+    assert redis_client.xlen(INGEST_STREAM) == 1
+    result = runner.invoke(args=["publish", "public.a", "not json"])
+    assert result.exit_code != 0 and "not JSON" in result.output
+    result = runner.invoke(args=["publish", "bad topic", "1"])
+    assert result.exit_code != 0 and "invalid topic" in result.output
+    result = runner.invoke(args=["token", "--sub", "alice", "--topic", "orders.*", "--ttl", "60"])
+    assert result.exit_code == 0, result.output
+    claims = jwt.decode(result.output.strip(), SECRET, algorithms=["HS256"])
+    assert claims["sub"] == "alice" and claims["topics"] == ["orders.*"]
+    assert claims["exp"] > time.time()
+
+
+def connect(app: Flask, auth: dict | None = None):
+    return socketio.test_client(app, auth=auth)
+
+
+def test_subscribe_acks(socket_app: Flask) -> None:
+    client = connect(socket_app)
+    ok = client.emit("subscribe", {"topic": "public.a"}, callback=True)
+    assert ok == {
+        "ok": True,
+        "topic": "public.a",
+        "offset": None,
+        "recovered": False,
+        "publications": [],
+    }
+    assert client.emit("subscribe", {"topic": "private.a"}, callback=True) == {
+        "ok": False,
+        "error": "forbidden",
+    }
+    assert client.emit("unsubscribe", {"topic": "public.a"}, callback=True) == {"ok": True}
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [None, "public.a", 5, [], {}, {"topic": None}, {"topic": 5}, {"topic": "x" * 10_000}],
+)
+def test_malformed_subscribe_gets_invalid_topic(socket_app: Flask, payload: object) -> None:
+    client = connect(socket_app)
+    args = () if payload is None else (payload,)
+    assert client.emit("subscribe", *args, callback=True) == {
+        "ok": False,
+        "error": "invalid_topic",
+    }
+    assert client.is_connected()
+
+
+def test_subscription_limit(socket_app: Flask) -> None:
+    client = connect(socket_app)
+    for i in range(3):
+        assert client.emit("subscribe", {"topic": f"public.{i}"}, callback=True)["ok"]
+    # Re-subscribing to a topic already held does not count twice.
+    assert client.emit("subscribe", {"topic": "public.0"}, callback=True)["ok"]
+    assert client.emit("subscribe", {"topic": "public.9"}, callback=True) == {
+        "ok": False,
+        "error": "limit",
+    }
+
+
+def test_tokens_grant_topics_and_bad_tokens_are_refused(socket_app: Flask) -> None:
+    good = jwt.encode(
+        {"sub": "alice", "topics": ["orders.*"], "exp": int(time.time()) + 60},
+        SECRET,
+        algorithm="HS256",
+    )
+    client = connect(socket_app, {"token": good})
+    assert client.emit("subscribe", {"topic": "orders.eu"}, callback=True)["ok"]
+    assert client.emit("subscribe", {"topic": "invoices.eu"}, callback=True)["error"] == (
+        "forbidden"
+    )
+    expired = jwt.encode(
+        {"sub": "a", "topics": ["*"], "exp": int(time.time()) - 10}, SECRET, algorithm="HS256"
+    )
+    forged = jwt.encode(
+        {"sub": "a", "topics": ["*"], "exp": int(time.time()) + 60},
+        "another-secret-of-at-least-32-bytes",
+        algorithm="HS256",
+    )
+    unsigned = jwt.encode(
+        {"sub": "a", "topics": ["*"], "exp": int(time.time()) + 60}, None, algorithm="none"
+    )
+    for token in [expired, forged, unsigned, "garbage", 42]:
+        refused = connect(socket_app, {"token": token})
+        assert not refused.is_connected()
