@@ -25,8 +25,10 @@ $(STAMP): requirements.lock
 install: $(STAMP) ## Create .venv with the locked dependencies.
 
 run: install ## Start Redis (unless TIDINGS_REDIS_URL is set), the web tier and the worker.
-	@echo "Tidings: open http://$${TIDINGS_BIND:-127.0.0.1:8000}/ once the web process is up (Ctrl-C stops all)"
-	@if [ -n "$${TIDINGS_REDIS_URL:-}" ]; then \
+	@# honcho sets PORT for every process; TIDINGS_BIND keeps the web tier local.
+	@export TIDINGS_BIND="$${TIDINGS_BIND:-127.0.0.1:8000}"; \
+	echo "Tidings: open http://$$TIDINGS_BIND/ once the web process is up (Ctrl-C stops all)"; \
+	if [ -n "$${TIDINGS_REDIS_URL:-}" ]; then \
 		PATH="$(BIN):$$PATH" $(BIN)/honcho start web worker; \
 	else \
 		PATH="$(BIN):$$PATH" $(BIN)/honcho start; \

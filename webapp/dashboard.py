@@ -8,6 +8,8 @@ import secrets
 from celery import Celery
 from flask import Blueprint, Flask, current_app, render_template
 
+from tidings.connection import client_name
+
 log = logging.getLogger("tidings.dashboard")
 
 bp = Blueprint("dashboard", __name__)
@@ -39,5 +41,9 @@ def init_app(app: Flask) -> None:
     """Register the dashboard and a send-only Celery client for the demo job."""
     settings = app.extensions["tidings.settings"]
     # Send-only: the web tier dispatches by task name and never imports tasks/.
-    app.extensions["tidings.celery"] = Celery("tidings-web", broker=settings.broker_url)
+    app.extensions["tidings.celery"] = Celery(
+        "tidings-web",
+        broker=settings.broker_url,
+        broker_transport_options={"client_name": client_name("web-celery")},
+    )
     app.register_blueprint(bp)

@@ -29,9 +29,10 @@ Flask-SocketIO docs advise for more than one worker. It goes wrong in two ways:
     here", so the master's emits are dropped by all workers: every
     publication is lost, silently (the same shared id would drop any emit
     from one worker to another worker's clients). Either way the listener
-    is unsupervised: when `listen()` gives up after a Redis outage longer
-    than redis-py's retry budget, the generator ends, the thread exits and
-    nothing is forwarded again until gunicorn is restarted.
+    is unsupervised: when Redis goes away, even for a restart, `listen()`
+    raises once redis-py's few reconnection tries are refused (measured:
+    0.1 s into the outage), the thread dies with a traceback, and nothing is
+    forwarded again until gunicorn is restarted.
 
 (b) The thread shares the worker's gevent hub. `patch_all()` turns it into a
     greenlet and `listen()` on a patched socket yields, but any variant that

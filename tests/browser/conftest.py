@@ -52,8 +52,12 @@ def chromium_browser() -> Iterator[object]:
 
 
 @pytest.fixture
-def page(chromium_browser) -> Iterator[object]:
-    """A fresh browser context and page; uncaught page errors fail the test."""
+def page(chromium_browser, stack) -> Iterator[object]:
+    """A fresh browser context and page; uncaught page errors fail the test.
+
+    It depends on `stack` only to be torn down first: a page still connected
+    would hold gunicorn's graceful shutdown open.
+    """
     context = chromium_browser.new_context(viewport={"width": 1280, "height": 900})
     context.set_default_timeout(20_000)
     page = context.new_page()

@@ -9,6 +9,8 @@ through a message queue. Under gunicorn with two gevent workers, measured here:
 - with `--preload`: one listener, in the master, but the queue manager's
   `host_id` is shared by the forked workers, which drop the master's emits as
   their own: every publication is lost;
+- in a Redis outage, even a short one, the listener thread dies and never
+  comes back: everything published afterwards is lost;
 - with a loop that never yields (`NAIVE_LOOP=busy`): the gevent hub starves
   and gunicorn kills the worker for a timeout, again and again.
 
@@ -29,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 import requests
 import socketio
 
@@ -271,6 +272,45 @@ def test_naive_busy_loop_starves_the_worker(tmp_path: Path, naive_redis: RedisSe
         )
         assert answers.count(False) > 0
     finally:
+        proc.stop()
+
+
+def test_naive_listener_dies_in_a_redis_outage(tmp_path: Path, naive_redis: RedisServer) -> None:
+    """After an outage longer than redis-py's retry budget the thread is gone for good."""
+    proc, url = start_naive(tmp_path, naive_redis, "-w", "1")
+    probe_client = naive_redis.client()
+    sio = socketio.Client(reconnection=True, reconnection_delay=0.2, reconnection_delay_max=1)
+    run = uuid.uuid4().hex
+    tally = Tally(run)
+    sio.on("publications", tally.record)
+    try:
+        wait_for(serves(url), timeout=30)
+        wait_for(lambda: probe_client.publish("tidings:topic:public.none", "{}") == 1, timeout=10)
+        naive_redis.stop()
+        began = time.monotonic()
+        wait_for(lambda: "Exception in thread" in proc.log(), timeout=60, interval=0.1)
+        died_after = time.monotonic() - began
+        naive_redis.start()  # same port
+        wait_for(serves(url), timeout=10)
+        sio.connect(url, transports=["websocket"], wait_timeout=10)
+        assert sio.call("subscribe", {"topic": TOPIC}, timeout=10) == {"ok": True}
+        publisher = naive_redis.client()
+        receivers = [
+            publisher.publish("tidings:topic:" + topic, json.dumps(data))
+            for topic, data in load(run)
+        ]
+        settle([tally], patience=2.0)
+        publisher.close()
+        print(
+            f"\n[naive, Redis outage] the listener thread died {died_after:.1f} s into the "
+            f"outage; after Redis came back, listeners per PUBLISH={sorted(set(receivers))}, "
+            f"received {tally.received()} of {COUNT}"
+        )
+        assert set(receivers) == {0}
+        assert tally.received() == 0
+    finally:
+        sio.disconnect()
+        probe_client.close()
         proc.stop()
 
 
