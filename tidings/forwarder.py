@@ -24,7 +24,15 @@ from dataclasses import dataclass
 
 import redis
 
-from tidings.keys import INGEST_GROUP, INGEST_STREAM, LEASE_KEY, SOCKETIO_CHANNEL, history_key, room
+from tidings.keys import (
+    INGEST_GROUP,
+    INGEST_STREAM,
+    LEASE_KEY,
+    RECEIPT_PREFIX,
+    SOCKETIO_CHANNEL,
+    history_key,
+    room,
+)
 
 FORWARD_SCRIPT = """
 local token = ARGV[1]
@@ -32,13 +40,25 @@ if token ~= '' and redis.call('GET', KEYS[1]) ~= token then
   return redis.error_reply('FENCED the listener lease is held by another listener')
 end
 local maxlen, ttl, head, channel, group = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
-local nacks = tonumber(ARGV[7])
-local pos = 8
+local receipts, receipt_ms = ARGV[7], ARGV[8]
+local function receipt(ingest_id, value)
+  local key = receipts .. ingest_id
+  redis.call('RPUSH', key, value)
+  redis.call('PEXPIRE', key, receipt_ms)
+end
+local nacks = tonumber(ARGV[9])
+local pos = 10
 if nacks > 0 then
   local acks = {}
   for j = 1, nacks do acks[j] = ARGV[pos + j - 1] end
   pos = pos + nacks
   redis.call('XACK', KEYS[2], group, unpack(acks))
+end
+local ndropped = tonumber(ARGV[pos])
+pos = pos + 1
+for j = 1, ndropped do
+  receipt(ARGV[pos], 'dropped:' .. ARGV[pos + 1])
+  pos = pos + 2
 end
 local offsets = {}
 for k = 3, #KEYS do
@@ -46,11 +66,12 @@ for k = 3, #KEYS do
   pos = pos + 3
   local parts = {}
   for j = 1, n do
-    local data, ts = ARGV[pos], ARGV[pos + 1]
-    pos = pos + 2
+    local data, ts, wants_receipt = ARGV[pos], ARGV[pos + 1], ARGV[pos + 2]
+    pos = pos + 3
     local id = redis.call('XADD', KEYS[k], 'MAXLEN', maxlen, '*', 'd', data, 't', ts)
     parts[j] = '{"topic":' .. topic_json .. ',"offset":"' .. id .. '","data":' .. data .. '}'
     offsets[#offsets + 1] = id
+    if wants_receipt ~= '' then receipt(wants_receipt, id) end
   end
   redis.call('EXPIRE', KEYS[k], ttl)
   local body = table.concat(parts, ',')
@@ -58,6 +79,9 @@ for k = 3, #KEYS do
 end
 return offsets
 """
+
+# A receipt nobody collects is gone after this long.
+RECEIPT_TTL_MS = 60_000
 
 # Batches above this are split: it bounds how long one script holds Redis.
 MAX_BATCH = 1000
@@ -74,6 +98,8 @@ class Publication:
     topic: str
     data_json: str
     published_ms: int | None = None
+    # The ingest id of a durable publication whose publisher waits for a receipt.
+    receipt: str | None = None
 
 
 class Forwarder:
@@ -97,18 +123,23 @@ class Forwarder:
         publications: Iterable[Publication],
         *,
         ack_ids: Iterable[bytes | str] = (),
+        dropped_receipts: Iterable[tuple[str, str]] = (),
         lease_token: str = "",
     ) -> list[str]:
         """Forward publications (grouped per topic, order kept) and ack ingest ids.
 
-        Returns the offsets in the order the topics were first seen. Raises
-        Fenced when `lease_token` is given and no longer holds the lease.
+        Publications with a `receipt` get their offset pushed to
+        `tidings:receipt:<ingest id>`; `dropped_receipts` (ingest id, reason)
+        tell waiting publishers of dropped ones. Returns the offsets in the
+        order the topics were first seen. Raises Fenced when `lease_token` is
+        given and no longer holds the lease.
         """
         by_topic: dict[str, list[Publication]] = {}
         for pub in publications:
             by_topic.setdefault(pub.topic, []).append(pub)
         acks = list(ack_ids)
-        if not by_topic and not acks:
+        drops = list(dropped_receipts)
+        if not by_topic and not acks and not drops:
             return []
         keys = [LEASE_KEY, INGEST_STREAM]
         args: list[str | bytes] = [
@@ -118,14 +149,20 @@ class Forwarder:
             self._head,
             SOCKETIO_CHANNEL,
             INGEST_GROUP,
+            RECEIPT_PREFIX,
+            str(RECEIPT_TTL_MS),
             str(len(acks)),
             *acks,
+            str(len(drops)),
         ]
+        for ingest_id, reason in drops:
+            args += [ingest_id, reason]
         for topic, pubs in by_topic.items():
             keys.append(history_key(topic))
             args += [json.dumps(topic), json.dumps(room(topic)), str(len(pubs))]
             for pub in pubs:
-                args += [pub.data_json, "" if pub.published_ms is None else str(pub.published_ms)]
+                published = "" if pub.published_ms is None else str(pub.published_ms)
+                args += [pub.data_json, published, pub.receipt or ""]
         try:
             offsets = self._script(keys=keys, args=args)
         except redis.ResponseError as exc:

@@ -7,6 +7,9 @@ INGEST_GROUP = "tidings"
 HISTORY_PREFIX = "tidings:history:"
 LEASE_KEY = "tidings:listener"
 SOCKETIO_CHANNEL = "tidings:socketio"
+# tidings:receipt:<ingest id>: a short-lived list the listener pushes a
+# durable publication's offset to when its publisher waits for it.
+RECEIPT_PREFIX = "tidings:receipt:"
 
 
 def history_key(topic: str) -> str:

@@ -23,8 +23,9 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 
 import redis
 
@@ -233,7 +234,7 @@ class Listener:
             batch: list[Publication] = []
             while message is not None:
                 pub = self._from_pubsub(message)
-                if pub is not None:
+                if isinstance(pub, Publication):
                     batch.append(pub)
                 if len(batch) >= MAX_BATCH:
                     break
@@ -242,10 +243,25 @@ class Listener:
                 self._forward(forwarder, batch, [])
                 self.counts["forwarded_pubsub"] += len(batch)
 
-    def _forward(self, forwarder: Forwarder, batch: list[Publication], ack_ids: list) -> None:
+    def _forward(
+        self,
+        forwarder: Forwarder,
+        batch: list[Publication],
+        ack_ids: list,
+        dropped_receipts: Sequence[tuple[str, str]] = (),
+    ) -> None:
         assert self._lease is not None
+
+        def attempt() -> None:
+            forwarder.forward(
+                batch,
+                ack_ids=ack_ids,
+                dropped_receipts=dropped_receipts,
+                lease_token=self._lease.token,
+            )
+
         try:
-            forwarder.forward(batch, ack_ids=ack_ids, lease_token=self._lease.token)
+            attempt()
         except Fenced:
             # A lease that merely expired (a Redis restart loses it) is ours to
             # take back; one held by another listener is not. The fenced call
@@ -253,9 +269,9 @@ class Listener:
             if not self._lease.acquire():
                 raise
             log.info("the lease had expired (Redis restarted?); re-acquired it")
-            forwarder.forward(batch, ack_ids=ack_ids, lease_token=self._lease.token)
+            attempt()
 
-    def _from_pubsub(self, message: dict) -> Publication | None:
+    def _from_pubsub(self, message: dict) -> Publication | str | None:
         if message.get("type") != "pmessage":
             return None
         channel = message["channel"].decode("utf-8", "replace")
@@ -270,7 +286,8 @@ class Listener:
 
     def _publication(
         self, topic: str, raw: bytes | None, published_ms: int | None, path: str
-    ) -> Publication | None:
+    ) -> Publication | str:
+        """Return the publication to forward, or the reason it is dropped."""
         self.counts["received_" + path] += 1
         try:
             if not is_valid_topic(topic):
@@ -283,7 +300,7 @@ class Listener:
             self._drops.warning(
                 drop.reason, "dropped a publication (%s) on topic %.140r via %s", drop, topic, path
             )
-            return None
+            return drop.reason
 
     # -- ingest path ------------------------------------------------------------
 
@@ -361,21 +378,26 @@ class Listener:
                 return
 
     def _forward_entries(self, forwarder: Forwarder, entries: list) -> None:
-        assert self._lease is not None
         for start in range(0, len(entries), MAX_BATCH):
             batch: list[Publication] = []
             ack_ids = []
+            dropped_receipts = []
             for entry_id, fields in entries[start : start + MAX_BATCH]:
                 ack_ids.append(entry_id)
                 if fields is None:  # deleted from the stream while pending
                     continue
                 pub = self._from_ingest(fields)
-                if pub is not None:
+                wants_receipt = fields.get(b"receipt") == b"1"
+                if isinstance(pub, Publication):
+                    if wants_receipt:
+                        pub = replace(pub, receipt=entry_id.decode())
                     batch.append(pub)
-            self._forward(forwarder, batch, ack_ids)
+                elif wants_receipt:
+                    dropped_receipts.append((entry_id.decode(), pub))
+            self._forward(forwarder, batch, ack_ids, dropped_receipts)
             self.counts["forwarded_ingest"] += len(batch)
 
-    def _from_ingest(self, fields: dict[bytes, bytes]) -> Publication | None:
+    def _from_ingest(self, fields: dict[bytes, bytes]) -> Publication | str:
         topic = fields.get(b"topic", b"").decode("utf-8", "replace")
         published = fields.get(b"ts", b"")
         published_ms = int(published) if published.isdigit() else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -10,7 +11,7 @@ import redis
 
 from tidings.connection import connect
 from tidings.forwarder import now_ms
-from tidings.keys import INGEST_STREAM, topic_channel
+from tidings.keys import INGEST_STREAM, RECEIPT_PREFIX, topic_channel
 from tidings.payloads import encode
 from tidings.settings import Settings
 from tidings.topics import is_valid_topic
@@ -20,7 +21,11 @@ _default: tuple[redis.Redis, Settings] | None = None
 
 
 class PublishError(ValueError):
-    """A publication rejected before it reached Redis (bad topic, too large)."""
+    """A publication rejected (bad topic, too large, or dropped by the listener)."""
+
+
+class PublishTimeout(TimeoutError):
+    """A waited-for publication was not forwarded in time (is a listener running?)."""
 
 
 def _default_client() -> tuple[redis.Redis, Settings]:
@@ -44,21 +49,22 @@ def _checked(topic: str, data: Any, max_payload: int) -> str:
     return payload
 
 
-def publish_many(
+def send(
     items: Iterable[tuple[str, Any]],
     *,
     durable: bool = True,
+    receipts: bool = False,
     client: redis.Redis | None = None,
     settings: Settings | None = None,
 ) -> list[str | int]:
-    """Publish (topic, data) pairs in one round trip.
+    """Check every item, then send them all in one round trip; return ingest ids or counts.
 
-    Durable publications go to the `tidings:ingest` stream and survive a
-    listener restart; the result is their ingest ids. Fast ones use
-    `PUBLISH tidings:topic:<topic>` (lost while no listener runs); the result
-    is each PUBLISH's receiver count. Everything is checked before anything
-    is sent, so a bad item publishes nothing.
+    Durable items are XADDed to `tidings:ingest` (with `receipts`, the
+    listener pushes each one's offset for `await_receipts`); fast ones are
+    PUBLISHed on their topic channel and the result is the receiver count.
     """
+    if receipts and not durable:
+        raise PublishError("receipts need durable publications: pub/sub gives none")
     if client is None or settings is None:
         default_client, default_settings = _default_client()
         client = client or default_client
@@ -68,11 +74,64 @@ def publish_many(
     stamp = str(now_ms())
     for topic, payload in checked:
         if durable:
-            pipe.xadd(INGEST_STREAM, {"topic": topic, "data": payload, "ts": stamp})
+            fields = {"topic": topic, "data": payload, "ts": stamp}
+            if receipts:
+                fields["receipt"] = "1"
+            pipe.xadd(INGEST_STREAM, fields)
         else:
             pipe.publish(topic_channel(topic), payload)
-    replies = pipe.execute()
-    return [r.decode() if isinstance(r, bytes) else r for r in replies]
+    return [r.decode() if isinstance(r, bytes) else r for r in pipe.execute()]
+
+
+def await_receipts(
+    ingest_ids: Iterable[str], *, timeout: float = 10.0, client: redis.Redis | None = None
+) -> list[str]:
+    """Wait until the listener forwarded each publication; return their topic offsets.
+
+    Raises PublishTimeout after `timeout` seconds in all, PublishError for
+    one the listener dropped.
+    """
+    client = client or _default_client()[0]
+    deadline = time.monotonic() + timeout
+    return [_receipt(client, str(ingest_id), deadline) for ingest_id in ingest_ids]
+
+
+def publish_many(
+    items: Iterable[tuple[str, Any]],
+    *,
+    durable: bool = True,
+    wait: bool = False,
+    timeout: float = 10.0,
+    client: redis.Redis | None = None,
+    settings: Settings | None = None,
+) -> list[str | int]:
+    """Publish (topic, data) pairs in one round trip.
+
+    Durable publications go to the `tidings:ingest` stream and survive a
+    listener restart; the result is their ingest ids, or with `wait=True`
+    their topic offsets once forwarded. Fast ones (`durable=False`) are lost
+    while no listener runs; the result is each PUBLISH's receiver count. A
+    bad item publishes nothing.
+    """
+    ids = send(items, durable=durable, receipts=wait, client=client, settings=settings)
+    if not wait:
+        return ids
+    return list(await_receipts([str(i) for i in ids], timeout=timeout, client=client))
+
+
+def _receipt(client: redis.Redis, ingest_id: str, deadline: float) -> str:
+    key = RECEIPT_PREFIX + ingest_id
+    while (remaining := deadline - time.monotonic()) > 0:
+        # Short BLPOPs: each stays inside the connection's socket timeout.
+        reply = client.blpop([key], timeout=max(0.01, min(remaining, 1.0)))
+        if reply is None:
+            continue
+        client.delete(key)
+        value = reply[1].decode()
+        if value.startswith("dropped:"):
+            raise PublishError(f"publication {ingest_id} was dropped: {value[8:]}")
+        return value
+    raise PublishTimeout(f"publication {ingest_id} not forwarded in time (is a listener running?)")
 
 
 def publish(
@@ -80,8 +139,17 @@ def publish(
     data: Any,
     *,
     durable: bool = True,
+    wait: bool = False,
+    timeout: float = 10.0,
     client: redis.Redis | None = None,
     settings: Settings | None = None,
 ) -> str | int:
     """Publish one JSON-serialisable value on a topic; see `publish_many`."""
-    return publish_many([(topic, data)], durable=durable, client=client, settings=settings)[0]
+    return publish_many(
+        [(topic, data)],
+        durable=durable,
+        wait=wait,
+        timeout=timeout,
+        client=client,
+        settings=settings,
+    )[0]

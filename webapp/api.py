@@ -9,13 +9,15 @@ from typing import Any
 import redis
 from flask import Blueprint, Flask, current_app, request
 
-from tidings.publishing import PublishError, publish_many
+from tidings.publishing import PublishError, PublishTimeout, await_receipts, send
 
 log = logging.getLogger("tidings.api")
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 
 MAX_BATCH = 1000
+DEFAULT_WAIT_SECONDS = 10.0
+MAX_WAIT_SECONDS = 30.0
 
 
 def _error(status: int, error: str, detail: str = "") -> tuple[dict, int]:
@@ -36,7 +38,11 @@ def _authorised(api_key: str) -> bool:
 
 @bp.post("/publish")
 def publish_route() -> tuple[dict, int]:
-    """Publish one `{"topic", "data"}` object, or a list of them, through the ingest stream."""
+    """Publish one `{"topic", "data"}` object, or a list, through the ingest stream.
+
+    `?wait=1` answers once the listener has forwarded them, with their
+    offsets (`&timeout=` seconds, default 10, at most 30), or 504.
+    """
     settings = current_app.extensions["tidings.settings"]
     if settings.api_key is None:
         return _error(403, "disabled", "set TIDINGS_API_KEY to enable publishing over HTTP")
@@ -53,20 +59,43 @@ def publish_route() -> tuple[dict, int]:
                 400, "invalid_body", f'item {index}: expected {{"topic": ..., "data": ...}}'
             )
         pairs.append((item["topic"], item["data"]))
+    wait = request.args.get("wait", "") not in ("", "0", "false")
+    client = current_app.extensions["tidings.redis"]
     try:
-        ids = publish_many(
-            pairs,
-            client=current_app.extensions["tidings.redis"],
-            settings=settings,
-        )
+        ids = send(pairs, receipts=wait, client=client, settings=settings)
     except PublishError as exc:
         return _error(400, "invalid_publication", str(exc))
     except redis.RedisError as exc:
         log.warning("publish: Redis unavailable (%s)", exc)
         return _error(503, "unavailable")
+    answer: dict[str, Any] = {"ok": True}
     if isinstance(body, list):
-        return {"ok": True, "ids": ids}, 202
-    return {"ok": True, "id": ids[0]}, 202
+        answer["ids"] = ids
+    else:
+        answer["id"] = ids[0]
+    if not wait:
+        return answer, 202
+    try:
+        offsets = await_receipts([str(i) for i in ids], timeout=_wait_timeout(), client=client)
+    except PublishTimeout:
+        return {**answer, "ok": False, "error": "timeout"}, 504
+    except PublishError as exc:
+        return {**answer, "ok": False, "error": "dropped", "detail": str(exc)}, 422
+    except redis.RedisError:
+        return {**answer, "ok": False, "error": "unavailable"}, 503
+    if isinstance(body, list):
+        answer["offsets"] = offsets
+    else:
+        answer["offset"] = offsets[0]
+    return answer, 200
+
+
+def _wait_timeout() -> float:
+    raw = request.args.get("timeout", "")
+    try:
+        return min(max(float(raw), 0.1), MAX_WAIT_SECONDS) if raw else DEFAULT_WAIT_SECONDS
+    except ValueError:
+        return DEFAULT_WAIT_SECONDS
 
 
 def init_app(app: Flask) -> None:

@@ -9,7 +9,7 @@ import redis
 from flask import Flask, current_app
 from flask.cli import with_appcontext
 
-from tidings.publishing import PublishError, publish
+from tidings.publishing import PublishError, PublishTimeout, publish
 from webapp.grants import make_token
 
 
@@ -17,8 +17,9 @@ from webapp.grants import make_token
 @click.argument("topic")
 @click.argument("data")
 @click.option("--fast", is_flag=True, help="PUBLISH on tidings:topic:<topic> (at most once).")
+@click.option("--wait", is_flag=True, help="Wait until forwarded; print the topic offset.")
 @with_appcontext
-def publish_command(topic: str, data: str, fast: bool) -> None:
+def publish_command(topic: str, data: str, fast: bool, wait: bool) -> None:
     """Publish DATA (a JSON value) on TOPIC; durable through the ingest stream by default."""
     try:
         value = json.loads(data)
@@ -31,11 +32,14 @@ def publish_command(topic: str, data: str, fast: bool) -> None:
             topic,
             value,
             durable=not fast,
+            wait=wait,
             client=current_app.extensions["tidings.redis"],
             settings=current_app.extensions["tidings.settings"],
         )
     except PublishError as exc:
         raise click.UsageError(str(exc)) from None
+    except PublishTimeout as exc:
+        raise click.ClickException(str(exc)) from None
     except redis.RedisError as exc:
         raise click.ClickException(f"Redis unavailable: {exc}") from None
     if fast:

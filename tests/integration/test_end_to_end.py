@@ -153,3 +153,21 @@ def test_the_progress_demo_job_reports_to_the_browser_topic(
     wait_for(lambda: any(d["done"] for d in recorder.data(topic)), timeout=20)
     percents = [d["percent"] for d in recorder.data(topic)]
     assert percents == sorted(percents) and percents[-1] == 100
+
+
+def test_publish_with_wait_answers_with_the_offset_clients_receive(
+    api_stack: Stack, recorders: list[Recorder]
+) -> None:
+    topic = "public.receipt"
+    recorder = recorders[0]
+    recorder.client.subscribe(topic)
+    answer = requests.post(
+        api_stack.url + "/api/publish?wait=1",
+        json={"topic": topic, "data": "hello"},
+        headers={"Authorization": f"Bearer {API_KEY}"},
+        timeout=15,
+    )
+    assert answer.status_code == 200, answer.text
+    offset = answer.json()["offset"]
+    wait_for(lambda: recorder.delivered, timeout=10)
+    assert recorder.delivered[-1] == {"topic": topic, "offset": offset, "data": "hello"}

@@ -151,3 +151,32 @@ def test_goes_on_after_a_redis_restart(tmp_path: Path) -> None:
     finally:
         running.stop()
         server.stop()
+
+
+def test_waiting_publishers_get_the_offset_or_the_drop_reason(
+    running: Running, redis_client: redis.Redis, settings: Settings
+) -> None:
+    from tidings.publishing import PublishError, publish, publish_many
+
+    offset = publish("public.w", {"n": 1}, wait=True, client=redis_client, settings=settings)
+    assert redis_client.xrange("tidings:history:public.w")[-1][0].decode() == offset
+    offsets = publish_many(
+        [("public.w", 2), ("public.v", 3)], wait=True, client=redis_client, settings=settings
+    )
+    assert len(offsets) == 2 and all(isinstance(o, str) for o in offsets)
+    # A publication the listener drops (raw XADD of bad UTF-8) tells its waiter why.
+    entry = redis_client.xadd(INGEST_STREAM, {"topic": "public.w", "data": b"\xff", "receipt": "1"})
+    from tidings.publishing import await_receipts
+
+    with pytest.raises(PublishError, match="invalid_utf8"):
+        await_receipts([entry.decode()], timeout=5, client=redis_client)
+    assert not redis_client.keys("tidings:receipt:*")
+
+
+def test_waiting_without_a_listener_times_out(
+    redis_client: redis.Redis, settings: Settings
+) -> None:
+    from tidings.publishing import PublishTimeout, publish
+
+    with pytest.raises(PublishTimeout):
+        publish("public.w", 1, wait=True, timeout=0.3, client=redis_client, settings=settings)

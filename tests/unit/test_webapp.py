@@ -186,3 +186,13 @@ def test_tokens_grant_topics_and_bad_tokens_are_refused(socket_app: Flask) -> No
     for token in [expired, forged, unsigned, "garbage", 42]:
         refused = connect(socket_app, {"token": token})
         assert not refused.is_connected()
+
+
+def test_publish_api_wait_times_out_without_a_listener(app: Flask) -> None:
+    answer = app.test_client().post(
+        "/api/publish?wait=1&timeout=0.3",
+        json={"topic": "public.a", "data": 1},
+        headers={"Authorization": "Bearer k3y"},
+    )
+    assert answer.status_code == 504
+    assert answer.json["error"] == "timeout" and answer.json["id"]

@@ -83,12 +83,14 @@
   });
 
   client.on('gap', function (info) {
-    showError('Some publications on ' + info.topic +
-      ' are no longer in history and were missed while disconnected.');
+    showError('Publications on ' + info.topic + ' were missed while disconnected' +
+      ' and history could not replay them; showing new ones from now on.');
   });
 
   client.on('error', function (info) {
-    if (info.topic === null) {
+    if (info.error === 'unavailable') {
+      showError('The server cannot reach Redis for ' + info.topic + '; retrying…');
+    } else if (info.topic === null) {
       showError('Connection refused: ' + info.error +
         (info.error === 'invalid_token' ? ' (check the access token)' : ''));
     }
@@ -176,6 +178,7 @@
     return client.subscribe(topic, handler || showPublications).then(function (ack) {
       if (ack.ok) {
         row.classList.remove('pending');
+        if (ui.subscribeError.textContent.indexOf('cannot reach Redis') >= 0) showError('');
       } else if (ack.error !== 'unsubscribed') {
         removeSubscriptionRow(topic);
         showError('Cannot subscribe to ' + topic + ': ' + ack.error);

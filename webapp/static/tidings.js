@@ -8,14 +8,16 @@
  *   t.on('state', (s) => ...);            // connecting | connected | reconnecting | disconnected
  *   t.on('recovered', ({topic, count}) => ...);
  *   t.on('gap', ({topic}) => ...);        // history no longer covers what we missed: resync
- *   t.on('error', ({topic, error}) => ...);
+ *   t.on('error', ({topic, error}) => ...); // ack ok:false; topic null: connection refused
  *   await t.subscribe('orders.42', (pubs, {recovered}) => ...);
  *   t.unsubscribe('orders.42');
  *
  * Exactly-once delivery: the client remembers the offset of the last
  * publication it delivered for each topic, drops anything at or below it, and
  * resubscribes with `since` after every (re)connect so the server replays what
- * was missed from the topic's history.
+ * was missed from the topic's history. A subscribe refused as `unavailable`
+ * (the server's Redis is down) is retried with backoff; other refusals
+ * (forbidden, invalid_topic, limit) drop the topic.
  */
 (function (root) {
   'use strict';
@@ -23,6 +25,13 @@
   var STATES = ['connecting', 'connected', 'reconnecting', 'disconnected'];
   var EVENTS = ['state', 'recovered', 'gap', 'error'];
   var OFFSET_RE = /^(\d+)-(\d+)$/;
+  // Subscribe errors worth retrying (the server's Redis is down); any other
+  // error (forbidden, invalid_topic, limit) ends the subscription.
+  var TRANSIENT_ERRORS = ['unavailable'];
+  // `since` for a topic that had no publication yet when it was subscribed.
+  var FROM_START = '0-0';
+  var RETRY_BASE_MS = 1000;
+  var RETRY_MAX_MS = 15000;
 
   /* ---- offsets ---------------------------------------------------------
    * An offset is a Redis stream id "<ms>-<seq>". Both parts are unsigned
@@ -49,6 +58,11 @@
     if (typeof offset !== 'string') return null;
     var m = OFFSET_RE.exec(offset);
     return m ? [m[1], m[2]] : null;
+  }
+
+  /** offset itself when well formed, else null. */
+  function validOffset(offset) {
+    return parseOffset(offset) ? offset : null;
   }
 
   /** -1, 0 or 1 as a is before, equal to or after b. null sorts first. */
@@ -271,7 +285,9 @@
   Tidings.prototype._sendSubscribe = function (entry) {
     var self = this;
     var attempt = ++entry.attempt;
-    var since = entry.last;
+    // A topic that was still empty when we joined has no offset to resume
+    // from: ask for everything history holds since its start (FROM_START).
+    var since = entry.last !== null ? entry.last : entry.established ? FROM_START : null;
     var payload = since !== null ? { topic: entry.topic, since: since } : { topic: entry.topic };
     entry.pending = true;
     this.socket.timeout(this._ackTimeout).emit('subscribe', payload, function (err, ack) {
@@ -287,11 +303,28 @@
   };
 
   Tidings.prototype._onSubscribeAck = function (entry, since, ack) {
+    if (!ack.ok && TRANSIENT_ERRORS.indexOf(ack.error) >= 0) {
+      // The server cannot read history right now (Redis down): keep the
+      // topic, its offset and the buffer, and ask again a little later.
+      this._emit('error', { topic: entry.topic, error: ack.error });
+      var self = this;
+      var attempt = entry.attempt;
+      entry.retries = (entry.retries || 0) + 1;
+      var delay = Math.min(RETRY_MAX_MS, RETRY_BASE_MS * Math.pow(2, entry.retries - 1));
+      setTimeout(function () {
+        if (self._topics.get(entry.topic) !== entry || entry.attempt !== attempt) return;
+        if (self.socket.connected) self._sendSubscribe(entry);
+      }, delay * (0.75 + Math.random() / 2));
+      return;
+    }
+
     var buffered = entry.buffer;
     entry.buffer = [];
     entry.pending = false;
+    entry.retries = 0;
 
     if (!ack.ok) {
+      // forbidden, invalid_topic, limit: asking again would not help.
       this._topics.delete(entry.topic);
       this._emit('error', { topic: entry.topic, error: ack.error || 'error' });
       this._settle(entry, ack);
@@ -301,11 +334,15 @@
     var recoveredCount = 0;
     if (since === null) {
       // Fresh subscription: start at the topic's latest offset (null: empty).
-      entry.last = ack.offset === undefined ? null : ack.offset;
+      entry.last = validOffset(ack.offset);
     } else if (ack.recovered === false) {
-      // History no longer reaches back to `since`: tell the app, go on from now.
-      entry.last = ack.offset === undefined ? null : ack.offset;
-      this._emit('gap', { topic: entry.topic });
+      var latest = validOffset(ack.offset);
+      var nothingNewer = latest === null ? since === FROM_START : compareOffsets(latest, since) <= 0;
+      if (!nothingNewer) {
+        // History no longer reaches back to `since`: tell the app, go on from now.
+        entry.last = latest;
+        this._emit('gap', { topic: entry.topic });
+      }
     } else {
       recoveredCount = this._deliver(entry, ack.publications || [], true);
     }
