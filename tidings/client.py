@@ -17,7 +17,7 @@ from typing import Any
 
 import socketio
 
-from tidings.history import parse_offset
+from tidings.history import BEGINNING, parse_offset
 
 log = logging.getLogger("tidings.client")
 
@@ -150,6 +150,8 @@ class TidingsClient:
                 self._deliver(state, pub)
 
     def _move_to(self, state: _Topic, offset: str | None) -> None:
+        # An empty topic: resume from its beginning after a reconnect.
+        offset = offset or BEGINNING
         pair = parse_offset(offset)
         if pair is not None and (state.last is None or pair > state.last):
             state.last, state.last_offset = pair, offset

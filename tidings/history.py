@@ -35,12 +35,19 @@ def _publication(topic: str, entry_id: bytes, fields: dict[bytes, bytes]) -> dic
     return {"topic": topic, "offset": entry_id.decode(), "data": json.loads(fields[b"d"])}
 
 
-def recover(client: redis.Redis, topic: str, since: str | None) -> Recovery:
+# What a client says when it subscribed while the topic had no history yet.
+BEGINNING = "0-0"
+
+
+def recover(client: redis.Redis, topic: str, since: str | None, *, history_size: int) -> Recovery:
     """Read the topic's latest offset and, with `since`, everything after it.
 
     `since` is recoverable only while its own entry is still in history:
     trimming removes the oldest entries first, so an entry that is still
-    there proves nothing after it was trimmed. One round trip either way.
+    there proves nothing after it was trimmed. `since` = "0-0" (the client
+    saw the topic empty) is recoverable while the stream was never trimmed,
+    that is while it holds fewer than `history_size` entries (the cap is
+    exact). One round trip either way.
     """
     key = history_key(topic)
     pipe = client.pipeline(transaction=False)
@@ -50,10 +57,15 @@ def recover(client: redis.Redis, topic: str, since: str | None) -> Recovery:
         pipe.xrange(key, min=since)
     replies = pipe.execute()
     latest = replies[0][0][0].decode() if replies[0] else None
-    if since is None:
+    if since is None or since_pair is None:
         return Recovery(offset=latest, recovered=False)
-    entries = replies[1] if since_pair is not None else []
-    if not entries or entries[0][0].decode() != since:
+    entries = replies[1]
+    if since_pair == (0, 0):
+        if len(entries) >= history_size:
+            return Recovery(offset=latest, recovered=False)
+    elif not entries or entries[0][0].decode() != since:
         return Recovery(offset=latest, recovered=False)
-    publications = [_publication(topic, entry_id, fields) for entry_id, fields in entries[1:]]
+    else:
+        entries = entries[1:]
+    publications = [_publication(topic, entry_id, fields) for entry_id, fields in entries]
     return Recovery(offset=latest, recovered=True, publications=publications)

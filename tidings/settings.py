@@ -39,6 +39,8 @@ class Settings:
     cors_origins: tuple[str, ...] = ()
     lease_ttl_ms: int = 3000
     max_subscriptions: int = 100
+    client_queue_packets: int = 1000
+    client_queue_bytes: int = 1024 * 1024
     log_level: str = "INFO"
 
     @classmethod
@@ -71,6 +73,12 @@ class Settings:
             cors_origins=_origins(env.get("TIDINGS_CORS_ORIGINS", "")),
             max_subscriptions=_int(
                 env, "TIDINGS_MAX_SUBSCRIPTIONS", cls.max_subscriptions, 1, 100_000
+            ),
+            client_queue_packets=_int(
+                env, "TIDINGS_CLIENT_QUEUE_PACKETS", cls.client_queue_packets, 1, 10_000_000
+            ),
+            client_queue_bytes=_int(
+                env, "TIDINGS_CLIENT_QUEUE_BYTES", cls.client_queue_bytes, 1024, 1 << 34
             ),
             lease_ttl_ms=_int(env, "TIDINGS_LEASE_TTL_MS", cls.lease_ttl_ms, 500, 60_000),
             log_level=_choice(

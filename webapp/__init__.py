@@ -10,7 +10,7 @@ from gevent import monkey
 from tidings.connection import connect
 from tidings.logs import configure
 from tidings.settings import Settings, load_or_exit
-from webapp import api, cli, dashboard, health, realtime
+from webapp import api, backpressure, cli, dashboard, health, realtime
 from webapp.extensions import socketio
 from webapp.queue import QueueManager
 
@@ -49,6 +49,11 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     if manager and app.config["SUBSCRIBE_QUEUE"] and not socketio.server.manager_initialized:
         socketio.server.manager_initialized = True
         manager.initialize()
+    backpressure.install(
+        socketio.server,
+        max_packets=settings.client_queue_packets,
+        max_bytes=settings.client_queue_bytes,
+    )
     for feature in (realtime, health, api, dashboard, cli):
         feature.init_app(app)
     return app

@@ -7,7 +7,7 @@ from typing import Any
 
 import redis
 from flask import Flask, current_app, request
-from flask_socketio import join_room, leave_room
+from flask_socketio import ConnectionRefusedError, join_room, leave_room
 
 from tidings.history import recover
 from tidings.keys import room
@@ -65,7 +65,10 @@ def on_subscribe(payload: Any = None, *_: Any) -> dict[str, Any]:
     grant.topics.add(topic)
     try:
         recovery = recover(
-            current_app.extensions["tidings.redis"], topic, since if since is not None else None
+            current_app.extensions["tidings.redis"],
+            topic,
+            since,
+            history_size=settings.history_size,
         )
     except redis.RedisError as exc:
         leave_room(room(topic))

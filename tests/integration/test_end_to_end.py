@@ -171,3 +171,16 @@ def test_publish_with_wait_answers_with_the_offset_clients_receive(
     offset = answer.json()["offset"]
     wait_for(lambda: recorder.delivered, timeout=10)
     assert recorder.delivered[-1] == {"topic": topic, "offset": offset, "data": "hello"}
+
+
+def test_a_bad_token_is_refused_with_invalid_token(make_stack) -> None:
+    import socketio
+
+    stack = make_stack(TIDINGS_SECRET="x" * 32)
+    stack.start_web()
+    client = socketio.Client(reconnection=False)
+    errors: list[Any] = []
+    client.on("connect_error", errors.append)
+    with pytest.raises(socketio.exceptions.ConnectionError):
+        client.connect(stack.url, auth={"token": "not-a-jwt"}, transports=["websocket"])
+    assert errors == [{"message": "invalid_token"}]

@@ -58,21 +58,21 @@ def test_recover_since_an_offset_still_in_history(
     redis_client: redis.Redis, forwarder: Forwarder
 ) -> None:
     offsets = forwarder.forward([Publication("a", str(i)) for i in range(4)])
-    recovery = recover(redis_client, "a", offsets[1])
+    recovery = recover(redis_client, "a", offsets[1], history_size=5)
     assert recovery.recovered and recovery.offset == offsets[-1]
     assert [p["data"] for p in recovery.publications] == [2, 3]
-    assert recover(redis_client, "a", offsets[-1]).publications == []
+    assert recover(redis_client, "a", offsets[-1], history_size=5).publications == []
 
 
 def test_recover_reports_a_gap_once_since_was_trimmed_or_is_bogus(
     redis_client: redis.Redis, forwarder: Forwarder
 ) -> None:
     offsets = forwarder.forward([Publication("a", str(i)) for i in range(8)])
-    trimmed = recover(redis_client, "a", offsets[0])
+    trimmed = recover(redis_client, "a", offsets[0], history_size=5)
     assert not trimmed.recovered and trimmed.offset == offsets[-1]
     for bogus in ["0-1", "9999999999999-0", "nonsense", 12, {"x": 1}]:
-        assert not recover(redis_client, "a", bogus).recovered
-    fresh = recover(redis_client, "nothing.yet", None)
+        assert not recover(redis_client, "a", bogus, history_size=5).recovered
+    fresh = recover(redis_client, "nothing.yet", None, history_size=5)
     assert fresh.offset is None and fresh.publications == []
 
 
@@ -100,3 +100,16 @@ def test_ingest_entries_are_acked_in_the_same_step(
     assert redis_client.xpending(INGEST_STREAM, INGEST_GROUP)["pending"] == 3
     forwarder.forward([Publication("a", "1")], ack_ids=ids)
     assert redis_client.xpending(INGEST_STREAM, INGEST_GROUP)["pending"] == 0
+
+
+def test_recover_from_the_beginning_while_history_was_never_trimmed(
+    redis_client: redis.Redis, forwarder: Forwarder
+) -> None:
+    # A client that subscribed while the topic was empty resumes with "0-0".
+    empty = recover(redis_client, "a", "0-0", history_size=5)
+    assert empty.recovered and empty.publications == []
+    forwarder.forward([Publication("a", str(i)) for i in range(4)])
+    whole = recover(redis_client, "a", "0-0", history_size=5)
+    assert whole.recovered and [p["data"] for p in whole.publications] == [0, 1, 2, 3]
+    forwarder.forward([Publication("a", "4")])
+    assert not recover(redis_client, "a", "0-0", history_size=5).recovered

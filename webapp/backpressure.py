@@ -1,0 +1,116 @@
+"""Bounded outgoing queues: a client that cannot keep up is cut, not buffered forever.
+
+python-engineio gives every connection an unbounded queue that its writer
+drains; a client that stops reading (a stalled tab, a dead network path)
+blocks its writer in `send()` while publications pile up in the worker's
+memory. Here each queue counts its packets and bytes, and a connection over
+either bound is closed with a logged reason. The client reconnects and
+recovers what it missed from history, so being cut loses it nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import engineio.socket
+from engineio import packet
+
+log = logging.getLogger("tidings.backpressure")
+
+_record_ws_installed = False
+
+
+def _packet_size(item: Any) -> int:
+    data = getattr(item, "data", None)
+    return len(data) if isinstance(data, (str, bytes)) else 0
+
+
+def _record_websockets() -> None:
+    """Let each engine.io socket remember its websocket, so a cut can reach the TCP socket."""
+    global _record_ws_installed
+    if _record_ws_installed:
+        return
+    original = engineio.socket.Socket._websocket_handler
+
+    def recording_handler(self: engineio.socket.Socket, ws: Any) -> Any:
+        self.tidings_ws = ws
+        return original(self, ws)
+
+    engineio.socket.Socket._websocket_handler = recording_handler
+    _record_ws_installed = True
+
+
+def _raw_socket(sock: engineio.socket.Socket) -> socket.socket | None:
+    # gevent-websocket: engine.io's wrapper -> WebSocket -> its WSGI handler's socket.
+    ws = getattr(getattr(sock, "tidings_ws", None), "_sock", None)
+    return getattr(getattr(ws, "handler", None), "socket", None)
+
+
+def install(
+    server: Any,
+    *,
+    max_packets: int,
+    max_bytes: int,
+    on_cut: Callable[[str], None] = lambda sid: None,
+) -> None:
+    """Bound every connection's outgoing queue of a python-socketio `server`."""
+    eio = server.eio
+    base = type(eio.create_queue())
+
+    class MeteredQueue(base):  # type: ignore[misc, valid-type]
+        """The async mode's queue, counting the bytes it holds."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self.pending_bytes = 0
+            self.cut = False
+            super().__init__(*args, **kwargs)
+
+        def _put(self, item: Any) -> None:
+            self.pending_bytes += _packet_size(item)
+            super()._put(item)
+
+        def _get(self) -> Any:
+            item = super()._get()
+            self.pending_bytes -= _packet_size(item)
+            return item
+
+    eio.create_queue = MeteredQueue
+    _record_websockets()
+    send_packet = eio.send_packet
+
+    def cut(sock: engineio.socket.Socket, packets: int, size: int) -> None:
+        log.warning(
+            "slow client cut: sid=%s had %d packets / %d bytes queued (limits %d / %d)",
+            sock.sid,
+            packets,
+            size,
+            max_packets,
+            max_bytes,
+        )
+        on_cut(sock.sid)
+        raw = _raw_socket(sock)
+        sock.close(wait=False, abort=True, reason=eio.reason.SERVER_DISCONNECT)
+        if raw is not None:
+            # The writer is blocked in send() on a full TCP buffer: only
+            # shutting the socket down wakes it.
+            with contextlib.suppress(OSError):
+                raw.shutdown(socket.SHUT_RDWR)
+
+    def bounded_send_packet(sid: str, pkt: packet.Packet) -> None:
+        sock = eio.sockets.get(sid)
+        queue = getattr(sock, "queue", None)
+        if isinstance(queue, MeteredQueue) and pkt.packet_type == packet.MESSAGE:
+            if queue.cut:
+                return
+            if queue.qsize() >= max_packets or queue.pending_bytes + _packet_size(pkt) > max_bytes:
+                queue.cut = True
+                # Not inline: this runs inside an emit loop over the room.
+                eio.start_background_task(cut, sock, queue.qsize(), queue.pending_bytes)
+                return
+        send_packet(sid, pkt)
+
+    eio.send_packet = bounded_send_packet
