@@ -83,8 +83,10 @@ return offsets
 # A receipt nobody collects is gone after this long.
 RECEIPT_TTL_MS = 60_000
 
-# Batches above this are split: it bounds how long one script holds Redis.
+# Batches above either bound are split: they bound how long one script holds
+# Redis and how large one queue message (one client packet) gets.
 MAX_BATCH = 1000
+MAX_BATCH_BYTES = 128 * 1024
 
 
 class Fenced(Exception):

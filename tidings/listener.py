@@ -30,7 +30,7 @@ from dataclasses import replace
 import redis
 
 from tidings.connection import client_name, connect
-from tidings.forwarder import MAX_BATCH, Fenced, Forwarder, Publication, now_ms
+from tidings.forwarder import MAX_BATCH, MAX_BATCH_BYTES, Fenced, Forwarder, Publication, now_ms
 from tidings.keys import INGEST_GROUP, INGEST_STREAM, TOPIC_CHANNEL_PATTERN, TOPIC_CHANNEL_PREFIX
 from tidings.lease import Lease
 from tidings.logs import RateLimited
@@ -232,11 +232,13 @@ class Listener:
             if message is None:
                 continue
             batch: list[Publication] = []
+            size = 0
             while message is not None:
                 pub = self._from_pubsub(message)
                 if isinstance(pub, Publication):
                     batch.append(pub)
-                if len(batch) >= MAX_BATCH:
+                    size += len(pub.data_json)
+                if len(batch) >= MAX_BATCH or size >= MAX_BATCH_BYTES:
                     break
                 message = pubsub.get_message(timeout=0)
             if batch:
@@ -378,22 +380,27 @@ class Listener:
                 return
 
     def _forward_entries(self, forwarder: Forwarder, entries: list) -> None:
-        for start in range(0, len(entries), MAX_BATCH):
-            batch: list[Publication] = []
-            ack_ids = []
-            dropped_receipts = []
-            for entry_id, fields in entries[start : start + MAX_BATCH]:
-                ack_ids.append(entry_id)
-                if fields is None:  # deleted from the stream while pending
-                    continue
+        batch: list[Publication] = []
+        ack_ids: list = []
+        dropped_receipts: list[tuple[str, str]] = []
+        size = 0
+        for entry_id, fields in entries:
+            ack_ids.append(entry_id)
+            if fields is not None:  # None: deleted from the stream while pending
                 pub = self._from_ingest(fields)
                 wants_receipt = fields.get(b"receipt") == b"1"
                 if isinstance(pub, Publication):
                     if wants_receipt:
                         pub = replace(pub, receipt=entry_id.decode())
                     batch.append(pub)
+                    size += len(pub.data_json)
                 elif wants_receipt:
                     dropped_receipts.append((entry_id.decode(), pub))
+            if len(ack_ids) >= MAX_BATCH or size >= MAX_BATCH_BYTES:
+                self._forward(forwarder, batch, ack_ids, dropped_receipts)
+                self.counts["forwarded_ingest"] += len(batch)
+                batch, ack_ids, dropped_receipts, size = [], [], [], 0
+        if ack_ids:
             self._forward(forwarder, batch, ack_ids, dropped_receipts)
             self.counts["forwarded_ingest"] += len(batch)
 

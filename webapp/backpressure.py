@@ -106,7 +106,11 @@ def install(
         if isinstance(queue, MeteredQueue) and pkt.packet_type == packet.MESSAGE:
             if queue.cut:
                 return
-            if queue.qsize() >= max_packets or queue.pending_bytes + _packet_size(pkt) > max_bytes:
+            backlog = queue.qsize()
+            # One packet always goes through, whatever its size: only a backlog is slow.
+            if backlog >= max_packets or (
+                backlog and queue.pending_bytes + _packet_size(pkt) > max_bytes
+            ):
                 queue.cut = True
                 # Not inline: this runs inside an emit loop over the room.
                 eio.start_background_task(cut, sock, queue.qsize(), queue.pending_bytes)

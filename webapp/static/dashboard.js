@@ -173,9 +173,9 @@
     return row;
   }
 
-  function subscribe(topic, handler) {
+  function subscribe(topic, handler, opts) {
     var row = addSubscriptionRow(topic);
-    return client.subscribe(topic, handler || showPublications).then(function (ack) {
+    return client.subscribe(topic, handler || showPublications, opts).then(function (ack) {
       if (ack.ok) {
         row.classList.remove('pending');
         if (ui.subscribeError.textContent.indexOf('cannot reach Redis') >= 0) showError('');
@@ -244,7 +244,9 @@
       if (!job || !TOPIC_RE.test(job.topic || '')) throw new Error('unexpected answer');
       ui.jobTopic.textContent = job.topic;
       ui.jobStatus.textContent = 'queued';
-      return subscribe(job.topic, onJobPublications(job.topic));
+      // A fresh topic: from its beginning, so steps published before the
+      // subscription took effect are recovered too.
+      return subscribe(job.topic, onJobPublications(job.topic), {since: '0-0'});
     }).then(function (ack) {
       if (!ack.ok && ack.error !== 'unsubscribed') throw new Error(ack.error);
     }).catch(function (err) {
