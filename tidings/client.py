@@ -44,10 +44,14 @@ class TidingsClient:
         token: str | None = None,
         transports: list[str] | None = None,
         reconnection_delay: float = 0.2,
+        on_raw: Handler | None = None,
+        **client_options: Any,
     ) -> None:
         self.url = url
         self.on_publication = on_publication
         self.on_gap = on_gap or (lambda topic: None)
+        # Every publication as it arrives, before de-duplication (tests count these).
+        self.on_raw = on_raw or (lambda pub: None)
         self.token = token
         self.transports = transports or ["websocket"]
         self.recovered = 0
@@ -60,6 +64,7 @@ class TidingsClient:
             reconnection_delay=reconnection_delay,
             reconnection_delay_max=1,
             randomization_factor=0.2,
+            **client_options,
         )
         self.sio.on("connect", self._on_connect)
         self.sio.on("publications", self._on_publications)
@@ -139,6 +144,7 @@ class TidingsClient:
                     recovered = ack.get("publications", [])
                     self.recovered += len(recovered)
                     for pub in recovered:
+                        self.on_raw(pub)
                         self._deliver(state, pub)
                 else:
                     self.gaps += 1
@@ -161,6 +167,7 @@ class TidingsClient:
             return
         with self._lock:
             for pub in publications:
+                self.on_raw(pub)
                 state = self._topics.get(pub.get("topic")) if isinstance(pub, dict) else None
                 if state is None:
                     continue

@@ -31,7 +31,14 @@ import redis
 
 from tidings.connection import client_name, connect
 from tidings.forwarder import MAX_BATCH, MAX_BATCH_BYTES, Fenced, Forwarder, Publication, now_ms
-from tidings.keys import INGEST_GROUP, INGEST_STREAM, TOPIC_CHANNEL_PATTERN, TOPIC_CHANNEL_PREFIX
+from tidings.history import parse_offset
+from tidings.keys import (
+    INGEST_GROUP,
+    INGEST_STREAM,
+    LEASE_KEY,
+    TOPIC_CHANNEL_PATTERN,
+    TOPIC_CHANNEL_PREFIX,
+)
 from tidings.lease import Lease
 from tidings.logs import RateLimited
 from tidings.payloads import DroppedPublication, to_json_text
@@ -50,6 +57,21 @@ CLAIM_EVERY_SECONDS = 2.0
 TRIM_EVERY_SECONDS = 1.0
 
 _REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
+
+# The fenced read: only the lease holder may take entries from the group, so
+# a paused or partitioned listener cannot strand entries in its own pending
+# list. Scripts cannot block; on nothing new it returns the id to wait after.
+_READ_INGEST = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return redis.error_reply('FENCED the listener lease is held by another listener')
+end
+local reply = redis.call('XREADGROUP', 'GROUP', ARGV[2], ARGV[3], 'COUNT', ARGV[4],
+                         'STREAMS', KEYS[2], '>')
+if reply then return {reply[1][2], ''} end
+local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+if last[1] then return {{}, last[1][1]} end
+return {{}, '0-0'}
+"""
 
 # Drops the acknowledged head of the ingest stream: everything before the
 # oldest pending entry, or up to the group's last delivered id.
@@ -73,6 +95,15 @@ end
 if minid then return redis.call('XTRIM', KEYS[1], 'MINID', minid) end
 return 0
 """
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _fields(flat: list) -> dict[bytes, bytes]:
+    """Turn a script's flat [field, value, ...] list into redis-py's dict."""
+    return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
 class Listener:
@@ -327,27 +358,46 @@ class Listener:
     def _pump_ingest(self, client: redis.Redis, forwarder: Forwarder) -> None:
         assert self._lease is not None
         trim = client.register_script(_TRIM_INGEST)
-        # After any (re)connect, entries this consumer read but did not ack
-        # come first: the forward that failed may not have happened at all.
-        self._forward_entries(forwarder, self._own_pending(client))
-        last_claim = last_trim = 0.0
+        read = client.register_script(_READ_INGEST)
+        # After any (re)connect, first everything already read and not acked:
+        # this consumer's own (a forward that failed may not have happened)
+        # and other consumers' (a dead or fenced listener's, which the fence
+        # keeps from ever forwarding them). All are older than anything `>`
+        # gives, so forwarding them first keeps each topic in publish order.
+        backlog = self._own_pending(client) + self._claim(client, min_idle_ms=0)
+        if backlog:
+            backlog.sort(key=lambda entry: parse_offset(_text(entry[0])) or (0, 0))
+            self._forward_entries(forwarder, backlog)
+        last_claim = last_trim = time.monotonic()
         while not self._stop.is_set():
             now = time.monotonic()
             if now - last_claim >= CLAIM_EVERY_SECONDS:
-                self._claim_orphans(client, forwarder)
+                # A backstop: with fenced reads nothing should ever be orphaned.
+                orphans = self._claim(client, min_idle_ms=self.claim_idle_ms)
+                if orphans:
+                    self._forward_entries(forwarder, orphans)
                 last_claim = now
             if now - last_trim >= TRIM_EVERY_SECONDS:
                 trim(keys=[INGEST_STREAM], args=[INGEST_GROUP])
                 last_trim = now
-            reply = client.xreadgroup(
-                INGEST_GROUP,
-                self.consumer,
-                {INGEST_STREAM: ">"},
-                count=MAX_BATCH,
-                block=int(POLL_SECONDS * 1000),
-            )
-            if reply:
-                self._forward_entries(forwarder, reply[0][1])
+            try:
+                entries, last_id = read(
+                    keys=[LEASE_KEY, INGEST_STREAM],
+                    args=[self._lease.token, INGEST_GROUP, self.consumer, MAX_BATCH],
+                )
+            except redis.ResponseError as exc:
+                if str(exc).startswith("FENCED") and self._lease.acquire():
+                    log.info("the lease had expired (Redis restarted?); re-acquired it")
+                    continue
+                if str(exc).startswith("FENCED"):
+                    raise Fenced(str(exc)) from None
+                raise
+            if entries:
+                self._forward_entries(forwarder, [(e[0], _fields(e[1])) for e in entries])
+            else:
+                # Only a wake-up: a plain read changes nothing, so a listener
+                # that lost its lease meanwhile cannot take entries with it.
+                client.xread({INGEST_STREAM: last_id}, block=int(POLL_SECONDS * 1000), count=1)
 
     def _own_pending(self, client: redis.Redis) -> list:
         entries: list = []
@@ -362,22 +412,25 @@ class Listener:
             entries += batch
             start = batch[-1][0]
 
-    def _claim_orphans(self, client: redis.Redis, forwarder: Forwarder) -> None:
+    def _claim(self, client: redis.Redis, *, min_idle_ms: int) -> list:
+        """Take over entries other consumers read and left unacknowledged."""
+        claimed: list = []
         start = "0-0"
         while True:
             start, entries, *_ = client.xautoclaim(
                 INGEST_STREAM,
                 INGEST_GROUP,
                 self.consumer,
-                min_idle_time=self.claim_idle_ms,
+                min_idle_time=min_idle_ms,
                 start_id=start,
                 count=MAX_BATCH,
             )
-            if entries:
-                log.info("claimed %d ingest entries left pending by another listener", len(entries))
-                self._forward_entries(forwarder, entries)
-            if start in (b"0-0", "0-0"):
-                return
+            claimed += entries
+            if _text(start) == "0-0":
+                break
+        if claimed:
+            log.info("claimed %d ingest entries left pending by another listener", len(claimed))
+        return claimed
 
     def _forward_entries(self, forwarder: Forwarder, entries: list) -> None:
         batch: list[Publication] = []

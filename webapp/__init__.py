@@ -33,7 +33,15 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     configure("web", settings.log_level)
     app.extensions["tidings.settings"] = settings
     app.extensions["tidings.redis"] = connect(settings.redis_url, "web")
-    manager = QueueManager(settings.redis_url) if app.config["QUEUE"] else None
+    manager = (
+        QueueManager(
+            settings.redis_url,
+            history=app.extensions["tidings.redis"],
+            history_size=settings.history_size,
+        )
+        if app.config["QUEUE"]
+        else None
+    )
     app.extensions["tidings.queue"] = manager
     socketio.init_app(
         app,

@@ -50,6 +50,24 @@ def _raw_socket(sock: engineio.socket.Socket) -> socket.socket | None:
     return getattr(getattr(ws, "handler", None), "socket", None)
 
 
+def abort_connection(eio: Any, eio_sid: str) -> None:
+    """Drop a connection at the transport, so the client reconnects by itself.
+
+    A Socket.IO-level disconnect would tell clients not to come back; a
+    broken transport makes every Socket.IO client reconnect and resubscribe.
+    """
+    sock = eio.sockets.get(eio_sid)
+    if sock is None:
+        return
+    raw = _raw_socket(sock)
+    sock.close(wait=False, abort=True, reason=eio.reason.SERVER_DISCONNECT)
+    if raw is not None:
+        # A writer blocked in send() on a full TCP buffer wakes only when the
+        # socket is shut down.
+        with contextlib.suppress(OSError):
+            raw.shutdown(socket.SHUT_RDWR)
+
+
 def install(
     server: Any,
     *,
@@ -92,13 +110,7 @@ def install(
             max_bytes,
         )
         on_cut(sock.sid)
-        raw = _raw_socket(sock)
-        sock.close(wait=False, abort=True, reason=eio.reason.SERVER_DISCONNECT)
-        if raw is not None:
-            # The writer is blocked in send() on a full TCP buffer: only
-            # shutting the socket down wakes it.
-            with contextlib.suppress(OSError):
-                raw.shutdown(socket.SHUT_RDWR)
+        abort_connection(eio, sock.sid)
 
     def bounded_send_packet(sid: str, pkt: packet.Packet) -> None:
         sock = eio.sockets.get(sid)

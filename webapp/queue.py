@@ -5,6 +5,14 @@ blocks in a bare `listen()`; Tidings needs deliveries back within seconds of
 Redis returning and a readiness check that knows whether this worker is
 really subscribed. This subclass owns the loop: a bounded `get_message`, a
 capped backoff, one log line per outage, and the state `/readyz` reads.
+
+The queue is at most once: whatever the listener emits while this worker is
+not subscribed never reaches it, and its clients, whose websockets stayed up,
+would never ask. So the manager remembers the newest offset it has shown
+each topic's room and, after every resubscribe and before any new message,
+replays what history holds after it (clients drop copies by offset). A room
+whose gap history no longer covers has its connections dropped: its clients
+reconnect, resubscribe with `since` and are told `recovered: false`.
 """
 
 from __future__ import annotations
@@ -14,10 +22,15 @@ import logging
 import time
 from collections.abc import Iterator
 
+import redis
 import socketio
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from tidings.connection import SOCKET_TIMEOUT, client_name
+from tidings.history import BEGINNING, parse_offset, recover
 from tidings.keys import SOCKETIO_CHANNEL
+from webapp.backpressure import abort_connection
 
 log = logging.getLogger("tidings.queue")
 
@@ -31,7 +44,7 @@ STALE_AFTER_SECONDS = 5.0
 class QueueManager(socketio.RedisManager):
     """Socket.IO client manager on `tidings:socketio` with a loop Tidings controls."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, history: redis.Redis, history_size: int) -> None:
         super().__init__(
             url,
             channel=SOCKETIO_CHANNEL,
@@ -40,12 +53,65 @@ class QueueManager(socketio.RedisManager):
                 "socket_timeout": SOCKET_TIMEOUT,
                 "socket_connect_timeout": SOCKET_TIMEOUT,
                 "health_check_interval": 10,
+                # No silent reconnects inside redis-py: every lost subscription
+                # must reach the loop below, which catches up after it.
+                "retry": Retry(NoBackoff(), 0),
             },
         )
         self.subscribed = False
         self.last_poll = 0.0
         self.reconnects = 0
         self._closed = False
+        self._history = history
+        self._history_size = history_size
+        # Newest offset this worker has shown (or acked) per topic.
+        self._shown: dict[str, tuple[tuple[int, int], str]] = {}
+
+    def note_offset(self, topic: str, offset: str | None) -> None:
+        """Remember that this worker's clients of `topic` are at least at `offset`."""
+        pair = parse_offset(offset)
+        if pair is not None:
+            known = self._shown.get(topic)
+            if known is None or pair > known[0]:
+                self._shown[topic] = (pair, offset)  # type: ignore[assignment]
+
+    def _handle_emit(self, message: dict) -> None:
+        super()._handle_emit(message)
+        room = message.get("room")
+        if message.get("event") == "publications" and isinstance(room, str):
+            with contextlib.suppress(LookupError, TypeError, AttributeError):
+                self.note_offset(room[2:], message["data"][0][-1]["offset"])
+
+    def _catch_up(self) -> None:
+        """Replay, room by room, what was forwarded while this worker was not subscribed."""
+        for name in list(self.rooms.get("/", {})):
+            if not isinstance(name, str) or not name.startswith("t:"):
+                continue
+            participants = list(self.get_participants("/", name))
+            if not participants:
+                continue
+            topic = name[2:]
+            since = self._shown.get(topic, (None, BEGINNING))[1]
+            recovery = recover(self._history, topic, since, history_size=self._history_size)
+            if not recovery.recovered:
+                log.warning(
+                    "topic=%s: history no longer covers the gap; resyncing its clients", topic
+                )
+                for _, eio_sid in participants:
+                    abort_connection(self.server.eio, eio_sid)
+                continue
+            if recovery.publications:
+                log.info(
+                    "topic=%s: replayed %d missed publications", topic, len(recovery.publications)
+                )
+                self.emit(
+                    "publications",
+                    recovery.publications,
+                    namespace="/",
+                    room=name,
+                    ignore_queue=True,
+                )
+                self.note_offset(topic, recovery.publications[-1]["offset"])
 
     def close(self) -> None:
         """End the listening loop (tests; a worker simply exits)."""
@@ -72,12 +138,14 @@ class QueueManager(socketio.RedisManager):
             try:
                 self._redis_connect()
                 self.pubsub.subscribe(self.channel)
+                if down:
+                    # Before any new message, so that each topic stays in order.
+                    self._catch_up()
+                    log.info("message queue: Redis is back; resubscribed and caught up")
+                    down = False
                 self.subscribed = True
                 backoff = BACKOFF_START
-                if down:
-                    log.info("message queue: Redis is back; resubscribed")
-                    down = False
-                else:
+                if self.reconnects == 0:
                     log.info("message queue: subscribed to %s", self.channel)
                 while not self._closed:
                     message = self.pubsub.get_message(timeout=POLL_SECONDS)

@@ -75,6 +75,9 @@ def on_subscribe(payload: Any = None, *_: Any) -> dict[str, Any]:
         grant.topics.discard(topic)
         log.warning("subscribe %s: Redis unavailable (%s)", topic, exc)
         return _error("unavailable")
+    manager = current_app.extensions["tidings.queue"]
+    if manager is not None:
+        manager.note_offset(topic, recovery.offset)
     return {
         "ok": True,
         "topic": topic,

@@ -8,6 +8,7 @@ before the client's de-duplication by offset) and in publish order.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -156,7 +157,7 @@ def delivery_problems(clients: list[RecordingClient], topic: str, total: int) ->
         if twice:
             problems.append(f"{topic} client {index} received more than once: {twice}")
         offsets = [parse_offset(p["offset"]) for p in raw]
-        if not all(a < b for a, b in zip(offsets, offsets[1:], strict=False)):
+        if not all(a < b for a, b in itertools.pairwise(offsets)):
             problems.append(f"{topic} client {index}: offsets not increasing")
         order = [p["data"]["n"] for p in raw]
         if order != sorted(order):
@@ -176,7 +177,7 @@ def longest_gap(client: RecordingClient, topic: str, since: float) -> float:
     """Return the longest time between consecutive deliveries of `topic` after `since`."""
     times = [t for t, _ in client.raw_of(topic)]
     times = [since] + [t for t in times if t >= since]
-    return max((b - a for a, b in zip(times, times[1:], strict=False)), default=0.0)
+    return max((b - a for a, b in itertools.pairwise(times)), default=0.0)
 
 
 def start(make_stack: Callable[..., Stack], workers: int = 2) -> Stack:
@@ -227,6 +228,7 @@ def pending_entries(stack: Stack) -> int:
     return stack.redis().xpending("tidings:ingest", "tidings")["pending"]
 
 
+@pytest.mark.slow  # three rounds of a takeover of up to 5 s each: 20-30 s
 def test_killed_holder_is_replaced_within_5s(make_stack: Callable[..., Stack]) -> None:
     stack = start(make_stack)
     rounds = 3

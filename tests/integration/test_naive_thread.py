@@ -238,9 +238,7 @@ def test_naive_thread_is_wrong_under_gunicorn(
             f"from {len(copies)} host_id(s): {dict(copies)}"
         )
         print(
-            "["
-            + mode
-            + "] gunicorn log: "
+            f"[{mode}] gunicorn master pid {proc.pid}; "
             + "; ".join(line for line in proc.log().splitlines() if "naive listener" in line)
         )
         # Measured, not assumed: the naive design duplicates or loses.

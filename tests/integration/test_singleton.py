@@ -9,6 +9,7 @@ de-duplication) and in publish order.
 
 from __future__ import annotations
 
+import itertools
 import json
 import socket
 import threading
@@ -147,7 +148,7 @@ def test_one_listener_and_exactly_once_delivery(make_stack: Callable[..., Stack]
             assert len(client.raw) == PUBLICATIONS + 1, (index, len(client.raw))
             assert [p["data"] for p in client.raw] == expected, f"client {index}: order or loss"
             pairs = [parse_offset(p["offset"]) for p in client.raw]
-            assert all(a < b for a, b in zip(pairs, pairs[1:], strict=False)), index
+            assert all(a < b for a, b in itertools.pairwise(pairs)), index
             assert [p["data"] for p in client.delivered] == expected
 
         # History (capped at TIDINGS_HISTORY_SIZE, 1000) holds each

@@ -146,6 +146,9 @@ def test_goes_on_after_a_redis_restart(tmp_path: Path) -> None:
             return any(p["data"] == 2 for p in running.publications())
 
         wait_for(delivered_again, timeout=10, interval=0.2)
+        # The ingest path too: its stream and group were lost with the data.
+        client.xadd(INGEST_STREAM, {"topic": "public.r", "data": "3"})
+        wait_for(lambda: any(p["data"] == 3 for p in running.publications()), timeout=10)
         # The lease came back with it (the restarted Redis had no data).
         assert Lease(client, 1000, since_ms=0).acquire() is False
     finally:

@@ -1,0 +1,369 @@
+"""Chaos harness: steady durable traffic to many clients while processes die.
+
+Used by `tests/chaos/test_chaos.py` with a fixed fault schedule (CI), and
+runnable by hand with a longer, randomised one:
+
+    .venv/bin/python -m tests.chaos.harness --publications 20000 --random --seed 7
+
+It prints published, delivered, lost, duplicated (as the application sees
+them, after the client's de-duplication by offset, and on the wire before
+it), whether every client saw offsets in order, the longest gap between two
+deliveries, and the same counts for fast (pub/sub) publications, which are
+allowed to be lost during faults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import random
+import signal
+import socket
+import statistics
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import redis
+
+from tests.support import RedisServer, Stack, wait_for
+from tidings.client import TidingsClient
+from tidings.history import parse_offset
+from tidings.lease import current_holder
+
+TOPICS = ["public.chaos.a", "public.chaos.b", "public.chaos.c", "public.chaos.d"]
+FAST_TOPIC = "public.chaos.fast"
+BLOB = "x" * 2000  # payload padding: enough traffic to fill a stalled client's buffers
+
+
+@dataclass
+class Watcher:
+    """One client's view: what it delivered to the application, and the raw wire."""
+
+    index: int
+    topics: list[str]
+    delivered: dict[str, list[int]] = field(default_factory=dict)
+    offsets: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+    raw: Counter[tuple[str, str]] = field(default_factory=Counter)
+    times: list[float] = field(default_factory=list)
+    fast: int = 0
+    client: TidingsClient | None = None
+
+    def on_publication(self, pub: dict[str, Any]) -> None:
+        self.times.append(time.monotonic())
+        if pub["topic"] == FAST_TOPIC:
+            self.fast += 1
+            return
+        self.delivered.setdefault(pub["topic"], []).append(pub["data"]["n"])
+        self.offsets.setdefault(pub["topic"], []).append(parse_offset(pub["offset"]))
+
+    def on_raw(self, pub: dict[str, Any]) -> None:
+        self.raw[(pub.get("topic"), pub.get("offset"))] += 1
+
+
+@dataclass
+class Report:
+    """What a chaos run measured."""
+
+    published: int
+    delivered: int
+    lost: int
+    duplicated: int
+    wire_duplicates: int
+    out_of_order: int
+    longest_gap: float
+    fast_published: int
+    fast_delivered_median: float
+    faults: list[str]
+
+    def lines(self) -> list[str]:
+        """Return the report as printable lines."""
+        fast_loss = (
+            1 - self.fast_delivered_median / self.fast_published if self.fast_published else 0
+        )
+        return [
+            f"durable: published {self.published} (per subscribed client), delivered "
+            f"{self.delivered}, lost {self.lost}, duplicated {self.duplicated}, "
+            f"out of order {self.out_of_order}",
+            f"wire: {self.wire_duplicates} copies dropped by the client's offset check",
+            f"longest gap between two deliveries to one client: {self.longest_gap:.2f}s",
+            f"fast (pub/sub): published {self.fast_published}, median client received "
+            f"{self.fast_delivered_median:.0f} ({fast_loss:.1%} lost)",
+            "faults: " + "; ".join(self.faults),
+        ]
+
+
+class Chaos:
+    """A stack, its clients, a steady publisher and a fault schedule."""
+
+    def __init__(self, stack: Stack, *, clients: int, publications: int, rate: float) -> None:
+        self.stack = stack
+        self.publications = publications
+        self.rate = rate
+        self.watchers = [
+            Watcher(i, [TOPICS[i % len(TOPICS)], TOPICS[(i + 1) % len(TOPICS)], FAST_TOPIC])
+            for i in range(clients)
+        ]
+        self.sent: Counter[str] = Counter()
+        self.fast_sent = 0
+        self.faults: list[str] = []
+        self._publisher = threading.Thread(target=self._publish, daemon=True)
+        self._client = redis.Redis(port=stack.redis_server.port, socket_timeout=2)
+        self.started = 0.0
+
+    # -- clients ----------------------------------------------------------
+
+    def connect(self) -> None:
+        """Connect and subscribe every client."""
+        for watcher in self.watchers:
+            watcher.client = TidingsClient(
+                self.stack.url,
+                on_publication=watcher.on_publication,
+                on_raw=watcher.on_raw,
+                # A small receive buffer, so a stalled client fills up fast.
+                websocket_extra_options={"sockopt": [(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)]},
+            )
+            watcher.client.connect()
+            for topic in watcher.topics:
+                assert watcher.client.subscribe(topic)["ok"]
+
+    # -- publishing ---------------------------------------------------------
+
+    def _publish(self) -> None:
+        interval = 10 / self.rate
+        n = 0
+        next_at = time.monotonic()
+        while n < self.publications:
+            # Numbered per topic: each topic's sequence is 0, 1, 2, ...
+            per_topic: Counter[str] = Counter()
+            body = []
+            for i in range(10):
+                topic = TOPICS[(n + i) % len(TOPICS)]
+                body.append((topic, {"n": self.sent[topic] + per_topic[topic], "blob": BLOB}))
+                per_topic[topic] += 1
+            while True:
+                try:
+                    self.stack.publish_many(body)
+                    self.stack.publish_many([(FAST_TOPIC, {"f": n})], durable=False)
+                    break
+                except redis.RedisError:
+                    time.sleep(0.05)  # Redis restarting: the publisher retries
+            self.sent.update(per_topic)
+            self.fast_sent += 1
+            n += 10
+            next_at += interval
+            time.sleep(max(0.0, next_at - time.monotonic()))
+
+    # -- faults -------------------------------------------------------------------
+
+    def _worker_of(self, pid: int) -> Any:
+        for worker in self.stack.workers:
+            if worker.alive() and pid in {p.pid for p in psutil.Process(worker.pid).children()}:
+                return worker
+        return None
+
+    def _holder_worker(self) -> Any:
+        holder = wait_for(lambda: current_holder(self._client), timeout=15)
+        return wait_for(lambda: self._worker_of(holder.pid), timeout=5)
+
+    def kill_listener_worker(self) -> None:
+        """SIGKILL the whole worker (main process and pool) holding the lease."""
+        worker = self._holder_worker()
+        os.killpg(worker.pid, signal.SIGKILL)
+        self.stack.start_worker(concurrency=2)  # as a process supervisor would
+        self.faults.append(f"SIGKILL worker {worker.name} (lease holder)")
+
+    def term_listener_worker(self) -> None:
+        """SIGTERM the worker now holding the lease (a clean handover)."""
+        worker = self._holder_worker()
+        worker.signal(signal.SIGTERM)
+        self.stack.start_worker(concurrency=2)
+        self.faults.append(f"SIGTERM worker {worker.name} (lease holder)")
+
+    def kill_web_worker(self) -> None:
+        """SIGKILL one gunicorn worker; gunicorn starts another."""
+        assert self.stack.web is not None
+        victim = psutil.Process(self.stack.web.pid).children()[0]
+        victim.kill()
+        self.faults.append(f"SIGKILL gunicorn worker {victim.pid}")
+
+    def restart_redis(self) -> None:
+        """Stop Redis cleanly (it writes its append-only file) and start it again."""
+        server = self.stack.redis_server
+        assert server.process is not None
+        server.process.terminate()
+        server.process.wait(timeout=10)
+        server.start()
+        self.faults.append("Redis restart (append-only file kept)")
+
+    def disconnect_client(self, seconds: float = 5) -> None:
+        """Disconnect one client for `seconds`, then reconnect and resubscribe."""
+        watcher = self.watchers[0]
+        assert watcher.client is not None
+        watcher.client.disconnect()
+        time.sleep(seconds)  # the outage itself
+        old = watcher.client
+        watcher.client = TidingsClient(
+            self.stack.url, on_publication=watcher.on_publication, on_raw=watcher.on_raw
+        )
+        # Carry the positions over, as an application keeping them would.
+        watcher.client._topics = old._topics
+        watcher.client.connect()
+        for topic in watcher.topics:
+            watcher.client.subscribe(topic)
+        self.faults.append(f"client 0 disconnected for {seconds:g}s")
+
+    def stall_client(self) -> None:
+        """Stop reading on one client until the server cuts it off."""
+        watcher = self.watchers[1]
+        assert watcher.client is not None
+        ws = watcher.client.sio.eio.ws
+        release = threading.Event()
+        original = ws.recv
+
+        def stalled() -> Any:
+            release.wait()
+            return original()
+
+        ws.recv = stalled
+        assert self.stack.web is not None
+        web = self.stack.web
+        before = web.log().count("slow client cut")
+        wait_for(lambda: web.log().count("slow client cut") > before, timeout=60)
+        release.set()
+        self.faults.append("client 1 stalled until cut")
+
+    # -- the run ------------------------------------------------------------------
+
+    def run(self, schedule: list[tuple[float, Callable[[], None]]]) -> Report:
+        """Publish, run each fault at its time (seconds after start), then count."""
+        self.started = time.monotonic()
+        self._publisher.start()
+        for at, fault in schedule:
+            time.sleep(max(0.0, self.started + at - time.monotonic()))
+            fault()
+        self._publisher.join()
+
+        def complete() -> bool:
+            return all(
+                len(w.delivered.get(t, [])) >= self.sent[t]
+                for w in self.watchers
+                for t in w.topics
+                if t != FAST_TOPIC
+            )
+
+        deadline = time.monotonic() + 60
+        while not complete() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return self.report()
+
+    def report(self) -> Report:
+        """Count what every client got against what was published."""
+        published = delivered = lost = duplicated = out_of_order = 0
+        gaps = []
+        for watcher in self.watchers:
+            for topic in watcher.topics:
+                if topic == FAST_TOPIC:
+                    continue
+                got = watcher.delivered.get(topic, [])
+                expected = self.sent[topic]
+                published += expected
+                delivered += len(got)
+                lost += len(set(range(expected)) - set(got))
+                duplicated += len(got) - len(set(got))
+                offsets = watcher.offsets.get(topic, [])
+                out_of_order += sum(1 for a, b in itertools.pairwise(offsets) if a >= b)
+            times = watcher.times
+            gaps.append(max((b - a for a, b in itertools.pairwise(times)), default=0.0))
+        wire = sum(count - 1 for w in self.watchers for count in w.raw.values())
+        fast = statistics.median(w.fast for w in self.watchers) if self.watchers else 0
+        return Report(
+            published=published,
+            delivered=delivered,
+            lost=lost,
+            duplicated=duplicated,
+            wire_duplicates=wire,
+            out_of_order=out_of_order,
+            longest_gap=max(gaps, default=0.0),
+            fast_published=self.fast_sent,
+            fast_delivered_median=fast,
+            faults=self.faults,
+        )
+
+    def close(self) -> None:
+        """Disconnect every client."""
+        for watcher in self.watchers:
+            if watcher.client is not None:
+                watcher.client.disconnect()
+        self._client.close()
+
+
+def fixed_schedule(chaos: Chaos) -> list[tuple[float, Callable[[], None]]]:
+    """The CI schedule: every fault once, a few seconds apart."""
+    return [
+        (3, chaos.kill_listener_worker),
+        (7, chaos.term_listener_worker),
+        (10, chaos.kill_web_worker),
+        (13, chaos.restart_redis),
+        (15, chaos.disconnect_client),
+        (21, chaos.stall_client),
+    ]
+
+
+def start_stack(directory: Path, workers: int = 3) -> tuple[Stack, RedisServer]:
+    """Redis with append-only persistence, two web workers, `workers` Celery workers."""
+    server = RedisServer(directory / "redis", appendonly=True)
+    server.start()
+    stack = Stack(
+        server,
+        directory,
+        WEB_CONCURRENCY="2",
+        TIDINGS_CLIENT_QUEUE_BYTES=str(256 * 1024),
+    )
+    for _ in range(workers):
+        stack.start_worker(concurrency=2)
+    stack.start_web()
+    stack.wait_ready()
+    return stack, server
+
+
+def main() -> None:
+    """Run a longer chaos session by hand; `--random` shuffles and repeats the faults."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--publications", type=int, default=20000)
+    parser.add_argument("--rate", type=float, default=250.0, help="publications per second")
+    parser.add_argument("--clients", type=int, default=20)
+    parser.add_argument("--random", action="store_true", help="random fault times and order")
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args()
+    directory = Path(tempfile.mkdtemp(prefix="tidings-chaos-"))
+    stack, server = start_stack(directory)
+    chaos = Chaos(stack, clients=args.clients, publications=args.publications, rate=args.rate)
+    try:
+        chaos.connect()
+        duration = args.publications / args.rate
+        schedule = fixed_schedule(chaos)
+        if args.random:
+            rng = random.Random(args.seed)
+            faults = [fault for _, fault in schedule]
+            picks = [rng.choice(faults) for _ in range(int(duration // 6))]
+            times = sorted(rng.uniform(2, duration - 3) for _ in picks)
+            schedule = list(zip(times, picks, strict=True))
+        report = chaos.run(schedule)
+        print("\n".join(report.lines()))
+        print(f"logs: {directory}")
+    finally:
+        chaos.close()
+        stack.stop()
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()
