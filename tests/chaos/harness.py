@@ -40,7 +40,11 @@ from tidings.lease import current_holder
 
 TOPICS = ["public.chaos.a", "public.chaos.b", "public.chaos.c", "public.chaos.d"]
 FAST_TOPIC = "public.chaos.fast"
-BLOB = "x" * 2000  # payload padding: enough traffic to fill a stalled client's buffers
+# Only the stalled client reads this one: 60 KB fast publications fill its
+# socket buffers in seconds, so the server's queue bound is what cuts it.
+HEAVY_TOPIC = "public.chaos.heavy"
+HEAVY = "h" * 60_000
+BLOB = "x" * 1000
 
 
 @dataclass
@@ -60,6 +64,8 @@ class Watcher:
         self.times.append(time.monotonic())
         if pub["topic"] == FAST_TOPIC:
             self.fast += 1
+            return
+        if pub["topic"] == HEAVY_TOPIC:
             return
         self.delivered.setdefault(pub["topic"], []).append(pub["data"]["n"])
         self.offsets.setdefault(pub["topic"], []).append(parse_offset(pub["offset"]))
@@ -114,6 +120,8 @@ class Chaos:
         self.sent: Counter[str] = Counter()
         self.fast_sent = 0
         self.faults: list[str] = []
+        self.heavy = threading.Event()
+        self._releases: list[threading.Thread] = []
         self._publisher = threading.Thread(target=self._publish, daemon=True)
         self._client = redis.Redis(port=stack.redis_server.port, socket_timeout=2)
         self.started = 0.0
@@ -133,6 +141,8 @@ class Chaos:
             watcher.client.connect()
             for topic in watcher.topics:
                 assert watcher.client.subscribe(topic)["ok"]
+        stalling = self.watchers[1].client
+        assert stalling is not None and stalling.subscribe(HEAVY_TOPIC)["ok"]
 
     # -- publishing ---------------------------------------------------------
 
@@ -151,7 +161,10 @@ class Chaos:
             while True:
                 try:
                     self.stack.publish_many(body)
-                    self.stack.publish_many([(FAST_TOPIC, {"f": n})], durable=False)
+                    fast = [(FAST_TOPIC, {"f": n})]
+                    if self.heavy.is_set():
+                        fast.append((HEAVY_TOPIC, HEAVY))
+                    self.stack.publish_many(fast, durable=False)
                     break
                 except redis.RedisError:
                     time.sleep(0.05)  # Redis restarting: the publisher retries
@@ -170,8 +183,13 @@ class Chaos:
         return None
 
     def _holder_worker(self) -> Any:
-        holder = wait_for(lambda: current_holder(self._client), timeout=15)
-        return wait_for(lambda: self._worker_of(holder.pid), timeout=5)
+        """Return the live worker whose pool process holds the lease (after a takeover)."""
+
+        def holder_worker() -> Any:
+            holder = current_holder(self._client)
+            return self._worker_of(holder.pid) if holder else None
+
+        return wait_for(holder_worker, timeout=15, interval=0.1)
 
     def kill_listener_worker(self) -> None:
         """SIGKILL the whole worker (main process and pool) holding the lease."""
@@ -221,9 +239,9 @@ class Chaos:
         self.faults.append(f"client 0 disconnected for {seconds:g}s")
 
     def stall_client(self) -> None:
-        """Stop reading on one client until the server cuts it off."""
+        """Stop reading on one client until the server cuts it off (in the background)."""
         watcher = self.watchers[1]
-        assert watcher.client is not None
+        assert watcher.client is not None and self.stack.web is not None
         ws = watcher.client.sio.eio.ws
         release = threading.Event()
         original = ws.recv
@@ -233,12 +251,20 @@ class Chaos:
             return original()
 
         ws.recv = stalled
-        assert self.stack.web is not None
         web = self.stack.web
         before = web.log().count("slow client cut")
-        wait_for(lambda: web.log().count("slow client cut") > before, timeout=60)
-        release.set()
-        self.faults.append("client 1 stalled until cut")
+        self.heavy.set()
+
+        def release_when_cut() -> None:
+            wait_for(lambda: web.log().count("slow client cut") > before, timeout=60)
+            self.heavy.clear()
+            release.set()
+            self.faults.append(f"client 1 stalled until cut ({time.monotonic() - at:.1f}s)")
+
+        at = time.monotonic()
+        waiter = threading.Thread(target=release_when_cut, daemon=True)
+        waiter.start()
+        self._releases.append(waiter)
 
     # -- the run ------------------------------------------------------------------
 
@@ -250,13 +276,15 @@ class Chaos:
             time.sleep(max(0.0, self.started + at - time.monotonic()))
             fault()
         self._publisher.join()
+        for waiter in self._releases:
+            waiter.join(timeout=60)
 
         def complete() -> bool:
             return all(
                 len(w.delivered.get(t, [])) >= self.sent[t]
                 for w in self.watchers
                 for t in w.topics
-                if t != FAST_TOPIC
+                if t not in (FAST_TOPIC, HEAVY_TOPIC)
             )
 
         deadline = time.monotonic() + 60
@@ -270,7 +298,7 @@ class Chaos:
         gaps = []
         for watcher in self.watchers:
             for topic in watcher.topics:
-                if topic == FAST_TOPIC:
+                if topic in (FAST_TOPIC, HEAVY_TOPIC):
                     continue
                 got = watcher.delivered.get(topic, [])
                 expected = self.sent[topic]
@@ -308,12 +336,12 @@ class Chaos:
 def fixed_schedule(chaos: Chaos) -> list[tuple[float, Callable[[], None]]]:
     """The CI schedule: every fault once, a few seconds apart."""
     return [
+        (2, chaos.stall_client),
         (3, chaos.kill_listener_worker),
         (7, chaos.term_listener_worker),
         (10, chaos.kill_web_worker),
         (13, chaos.restart_redis),
         (15, chaos.disconnect_client),
-        (21, chaos.stall_client),
     ]
 
 
