@@ -46,6 +46,10 @@ task_acks_late = False
 broker_transport_options = {"visibility_timeout": 3600, "client_name": client_name("celery")}
 redis_client_name = client_name("celery")
 
+# The listener acks early, so there is nothing to cancel on a broker
+# connection loss (stated: Celery 6 changes the default).
+worker_cancel_long_running_tasks_on_connection_loss = False
+
 # No time limits: the listener runs until it is stopped or loses its lease.
 task_time_limit = None
 task_soft_time_limit = None

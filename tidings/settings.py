@@ -84,6 +84,22 @@ class Settings:
             log_level=_choice(
                 env, "TIDINGS_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")
             ),
+            log_format=_choice(env, "TIDINGS_LOG_FORMAT", "TEXT", ("TEXT", "JSON")).lower(),
+            jwt_public_key=_public_key(env.get("TIDINGS_JWT_PUBLIC_KEY", "")),
+            token_grace=_int(env, "TIDINGS_TOKEN_GRACE", cls.token_grace, 0, 86400),
+            subscribe_rate=_int(env, "TIDINGS_SUBSCRIBE_RATE", cls.subscribe_rate, 1, 100_000),
+            max_message_bytes=_int(
+                env, "TIDINGS_MAX_MESSAGE_BYTES", cls.max_message_bytes, 256, 64 * 1024 * 1024
+            ),
+            max_connections_per_ip=_int(
+                env, "TIDINGS_MAX_CONNECTIONS_PER_IP", cls.max_connections_per_ip, 1, 1_000_000
+            ),
+            max_publish_body=_int(
+                env, "TIDINGS_MAX_PUBLISH_BODY", cls.max_publish_body, 1024, 1 << 30
+            ),
+            max_publish_batch=_int(
+                env, "TIDINGS_MAX_PUBLISH_BATCH", cls.max_publish_batch, 1, 100_000
+            ),
         )
 
 
@@ -169,6 +185,29 @@ def _secret(raw: str) -> str | None:
     # RFC 7518: an HS256 key shorter than the hash is guessable offline.
     if len(raw.encode()) < 32:
         raise ConfigError("TIDINGS_SECRET", "must be at least 32 bytes (try: openssl rand -hex 32)")
+    return raw
+
+
+def _public_key(raw: str) -> str | None:
+    """Return a PEM public key given inline or as a file path; check that it loads."""
+    raw = raw.strip()
+    if not raw:
+        return None
+    if not raw.startswith("-----BEGIN"):
+        try:
+            with open(raw, encoding="ascii") as pem:
+                raw = pem.read()
+        except OSError as exc:
+            raise ConfigError("TIDINGS_JWT_PUBLIC_KEY", f"cannot read {raw!r}: {exc}") from None
+    try:
+        from cryptography.hazmat.primitives.asymmetric import ec, rsa
+        from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+        key = load_pem_public_key(raw.encode())
+    except ValueError as exc:
+        raise ConfigError("TIDINGS_JWT_PUBLIC_KEY", f"not a PEM public key ({exc})") from None
+    if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
+        raise ConfigError("TIDINGS_JWT_PUBLIC_KEY", "must be an RSA or EC public key")
     return raw
 
 
