@@ -42,6 +42,14 @@ class Settings:
     client_queue_packets: int = 1000
     client_queue_bytes: int = 1024 * 1024
     log_level: str = "INFO"
+    log_format: str = "text"
+    jwt_public_key: str | None = None
+    token_grace: int = 30
+    subscribe_rate: int = 20
+    max_message_bytes: int = 16384
+    max_connections_per_ip: int = 100
+    max_publish_body: int = 1024 * 1024
+    max_publish_batch: int = 1000
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
