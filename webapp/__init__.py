@@ -32,6 +32,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     settings: Settings = app.config.get("SETTINGS") or load_or_exit()
     configure("web", settings.log_level)
     app.extensions["tidings.settings"] = settings
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_publish_body  # 413 beyond
     app.extensions["tidings.redis"] = connect(settings.redis_url, "web")
     manager = (
         QueueManager(
@@ -49,6 +50,8 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         client_manager=manager,
         # None means same origin only (python-engineio compares with Host).
         cors_allowed_origins=list(settings.cors_origins) or None,
+        # Inbound Socket.IO messages (websocket frames, polling bodies).
+        max_http_buffer_size=settings.max_message_bytes,
         logger=False,
         engineio_logger=False,
     )

@@ -15,7 +15,6 @@ log = logging.getLogger("tidings.api")
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 
-MAX_BATCH = 1000
 DEFAULT_WAIT_SECONDS = 10.0
 MAX_WAIT_SECONDS = 30.0
 
@@ -50,8 +49,9 @@ def publish_route() -> tuple[dict, int]:
         return _error(401, "unauthorized")
     body = request.get_json(silent=True)
     items = body if isinstance(body, list) else [body]
-    if not items or len(items) > MAX_BATCH:
-        return _error(400, "invalid_batch", f"a batch holds 1 to {MAX_BATCH} publications")
+    if not items or len(items) > settings.max_publish_batch:
+        limit = settings.max_publish_batch
+        return _error(400, "invalid_batch", f"a batch holds 1 to {limit} publications")
     pairs = []
     for index, item in enumerate(items):
         if not isinstance(item, dict) or "topic" not in item or "data" not in item:
@@ -96,6 +96,12 @@ def _wait_timeout() -> float:
         return min(max(float(raw), 0.1), MAX_WAIT_SECONDS) if raw else DEFAULT_WAIT_SECONDS
     except ValueError:
         return DEFAULT_WAIT_SECONDS
+
+
+@bp.errorhandler(413)
+def too_large(_: Exception) -> tuple[dict, int]:
+    """A body over TIDINGS_MAX_PUBLISH_BODY."""
+    return _error(413, "too_large", "the body is over TIDINGS_MAX_PUBLISH_BODY bytes")
 
 
 def init_app(app: Flask) -> None:
