@@ -12,6 +12,7 @@ from tidings.logs import configure
 from tidings.settings import Settings, load_or_exit
 from webapp import api, backpressure, cli, dashboard, health, realtime
 from webapp.extensions import socketio
+from webapp.origins import allowed_origins
 from webapp.queue import QueueManager
 
 
@@ -30,7 +31,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     if test_config:
         app.config.update(test_config)
     settings: Settings = app.config.get("SETTINGS") or load_or_exit()
-    configure("web", settings.log_level)
+    configure("web", settings.log_level, settings.log_format)
     app.extensions["tidings.settings"] = settings
     app.config["MAX_CONTENT_LENGTH"] = settings.max_publish_body  # 413 beyond
     app.extensions["tidings.redis"] = connect(settings.redis_url, "web")
@@ -48,8 +49,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         app,
         async_mode=app.config["ASYNC_MODE"],
         client_manager=manager,
-        # None means same origin only (python-engineio compares with Host).
-        cors_allowed_origins=list(settings.cors_origins) or None,
+        cors_allowed_origins=allowed_origins(settings.cors_origins),
         # Inbound Socket.IO messages (websocket frames, polling bodies).
         max_http_buffer_size=settings.max_message_bytes,
         logger=False,
