@@ -153,7 +153,7 @@ def test_least_privilege_redis_users(make_stack) -> None:
     admin.execute_command("ACL", "SETUSER", "tidings-web", *WEB_ACL.split())
     admin.execute_command("ACL", "SETUSER", "tidings-listener", *LISTENER_ACL.split())
     # Celery's broker keys are Celery's business: a user of its own.
-    admin.execute_command("ACL", "SETUSER", "celery", *"on >celery-pass ~* &* +@all".split())
+    admin.execute_command("ACL", "SETUSER", "celery", *["on", ">celery-pass", "~*", "&*", "+@all"])
     port = stack.redis_server.port
     broker = f"redis://celery:celery-pass@127.0.0.1:{port}/1"
     stack.start_worker(
