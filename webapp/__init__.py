@@ -31,7 +31,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     if test_config:
         app.config.update(test_config)
     settings: Settings = app.config.get("SETTINGS") or load_or_exit()
-    configure("web", settings.log_level, settings.log_format)
+    configure("web", settings.log_level)
     app.extensions["tidings.settings"] = settings
     app.config["MAX_CONTENT_LENGTH"] = settings.max_publish_body  # 413 beyond
     app.extensions["tidings.redis"] = connect(settings.redis_url, "web")
