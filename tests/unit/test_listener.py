@@ -183,3 +183,34 @@ def test_waiting_without_a_listener_times_out(
 
     with pytest.raises(PublishTimeout):
         publish("public.w", 1, wait=True, timeout=0.3, client=redis_client, settings=settings)
+
+
+def test_fuzzed_input_never_stops_the_valid_publications(
+    running: Running, redis_client: redis.Redis
+) -> None:
+    """Random bytes on both inputs, a fixed budget, valid publications interleaved."""
+    import random
+
+    rng = random.Random(20261128)
+    expected = []
+    pipe = redis_client.pipeline(transaction=False)
+    for n in range(1500):
+        junk = rng.randbytes(rng.randint(0, 300))
+        channel = b"tidings:topic:" + rng.choice([b"public.f", rng.randbytes(rng.randint(0, 20))])
+        pipe.publish(channel, junk)
+        fields = {rng.randbytes(rng.randint(1, 8)): rng.randbytes(rng.randint(0, 50))}
+        if rng.random() < 0.5:
+            fields[b"topic"] = rng.choice([b"public.f", rng.randbytes(6)])
+        pipe.xadd(INGEST_STREAM, fields)
+        if n % 10 == 0:
+            pipe.xadd(INGEST_STREAM, {"topic": "public.valid", "data": str(n)})
+            expected.append(n)
+    pipe.execute()
+
+    def valid() -> list:
+        return [p["data"] for p in running.publications() if p["topic"] == "public.valid"]
+
+    wait_for(lambda: len(valid()) == len(expected), timeout=20)
+    assert valid() == expected
+    assert running.thread.is_alive()
+    wait_for(lambda: redis_client.xpending(INGEST_STREAM, INGEST_GROUP)["pending"] == 0)
