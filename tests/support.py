@@ -9,15 +9,18 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import redis
 import requests
 
+from tidings.client import TidingsClient
 from tidings.publishing import publish_many
 from tidings.settings import Settings
 
@@ -285,3 +288,63 @@ class Stack:
     def topic_subscribers(self) -> list[dict]:
         """Return the CLIENT LIST entries subscribed to a pattern (the listeners)."""
         return [c for c in self._redis.client_list() if int(c.get("psub", 0)) > 0]
+
+
+class RecordingClient(TidingsClient):
+    """A websocket TidingsClient that also records every raw publication, with its arrival time.
+
+    `delivered` is what the application sees (de-duplicated by offset, in
+    order); `raw` is the wire, so tests can count duplicates the client hid.
+    """
+
+    def __init__(self, url: str, **options: Any) -> None:
+        self.delivered: list[dict[str, Any]] = []
+        self.raw: list[tuple[float, dict[str, Any]]] = []
+        self._raw_lock = threading.Lock()
+        super().__init__(
+            url,
+            on_publication=self.delivered.append,
+            on_raw=self._record,
+            transports=["websocket"],
+            **options,
+        )
+
+    def _record(self, pub: dict[str, Any]) -> None:
+        if isinstance(pub, dict):
+            with self._raw_lock:
+                self.raw.append((time.monotonic(), pub))
+
+    def raw_pubs(self) -> list[dict[str, Any]]:
+        """Return every raw publication, in arrival order."""
+        with self._raw_lock:
+            return [pub for _, pub in self.raw]
+
+    def raw_of(self, topic: str) -> list[tuple[float, dict[str, Any]]]:
+        """Return the raw publications of `topic` with their arrival times."""
+        with self._raw_lock:
+            return [(t, p) for t, p in self.raw if p.get("topic") == topic]
+
+
+def children_of(pid: int) -> set[int]:
+    """Return the pids of a process's children."""
+    try:
+        return {child.pid for child in psutil.Process(pid).children()}
+    except psutil.NoSuchProcess:
+        return set()
+
+
+def named(stack: Stack, role: str) -> list[dict]:
+    """Return the CLIENT LIST entries named tidings:<role>:..."""
+    return [
+        c for c in stack.redis().client_list() if c.get("name", "").startswith(f"tidings:{role}:")
+    ]
+
+
+def pid_of(entry: dict) -> int:
+    """Return the pid part of a tidings:<role>:<host>:<pid> client name."""
+    return int(entry["name"].rsplit(":", 1)[1])
+
+
+def topic_listeners(stack: Stack) -> list[dict]:
+    """Return the tidings:listener connections subscribed to a pattern."""
+    return [c for c in named(stack, "listener") if int(c.get("psub", 0)) > 0]

@@ -17,12 +17,10 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
 
 import pytest
 
-from tests.support import Proc, Stack, wait_for
-from tidings.client import TidingsClient
+from tests.support import Proc, RecordingClient, Stack, topic_listeners, wait_for
 from tidings.history import parse_offset
 from tidings.lease import Holder, current_holder
 from tidings.publishing import publish_many
@@ -34,27 +32,6 @@ CLIENTS = 3
 TAKEOVER_LIMIT = 5.0  # contract: a listener that dies is replaced within 5 s
 HANDOVER_LIMIT = 2.0  # SIGTERM hands over "at once"
 EXIT_LIMIT = 10.0
-
-
-class RecordingClient(TidingsClient):
-    """A TidingsClient that records every raw publication with its arrival time."""
-
-    def __init__(self, url: str) -> None:
-        self.delivered: list[dict[str, Any]] = []
-        self.raw: list[tuple[float, dict[str, Any]]] = []
-        self._raw_lock = threading.Lock()
-        super().__init__(url, on_publication=self.delivered.append, transports=["websocket"])
-
-    def _on_publications(self, publications: Any) -> None:
-        now = time.monotonic()
-        with self._raw_lock:
-            if isinstance(publications, list):
-                self.raw.extend((now, p) for p in publications if isinstance(p, dict))
-        super()._on_publications(publications)
-
-    def raw_of(self, topic: str) -> list[tuple[float, dict[str, Any]]]:
-        with self._raw_lock:
-            return [(t, p) for t, p in self.raw if p.get("topic") == topic]
 
 
 class Publisher(threading.Thread):
@@ -114,15 +91,6 @@ def new_holder(stack: Stack, old_pid: int, timeout: float = 15) -> Holder:
         return holder if holder is not None and holder.pid != old_pid else None
 
     return wait_for(other, timeout=timeout)
-
-
-def topic_listeners(stack: Stack) -> list[dict]:
-    """Return the tidings:listener connections subscribed to a pattern."""
-    return [
-        c
-        for c in stack.redis().client_list()
-        if c.get("name", "").startswith("tidings:listener:") and int(c.get("psub", 0)) > 0
-    ]
 
 
 def first_after(client: RecordingClient, topic: str, n: int) -> float | None:

@@ -12,13 +12,11 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.support import Stack, wait_for
-from tidings.client import TidingsClient
+from tests.support import RecordingClient, Stack, children_of, named, wait_for
 from tidings.publishing import publish_many
 
 pytestmark = pytest.mark.integration
@@ -29,21 +27,8 @@ WEB_WORKERS = 2
 RESUME_LIMIT = 5.0
 
 
-class RecordingClient(TidingsClient):
-    """A TidingsClient that records every raw publication with its arrival time."""
-
-    def __init__(self, url: str) -> None:
-        self.delivered: list[dict[str, Any]] = []
-        self.raw: list[tuple[float, dict[str, Any]]] = []
-        self._raw_lock = threading.Lock()
-        super().__init__(url, on_publication=self.delivered.append, transports=["websocket"])
-
-    def _on_publications(self, publications: Any) -> None:
-        now = time.monotonic()
-        with self._raw_lock:
-            if isinstance(publications, list):
-                self.raw.extend((now, p) for p in publications if isinstance(p, dict))
-        super()._on_publications(publications)
+class OutageClient(RecordingClient):
+    """A recording client that can say what an outage's publisher got through."""
 
     def got(self, data: Any) -> bool:
         with self._raw_lock:
@@ -108,32 +93,10 @@ def eventually(condition: Callable[[], Any], timeout: float) -> bool:
     return True
 
 
-def children_of(pid: int) -> set[int]:
-    """Return the pids whose parent is `pid` (field 4 of /proc/<pid>/stat)."""
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-            found.add(int(entry.name))
-    return found
-
-
 def processes(stack: Stack) -> dict[str, set[int]]:
     """Return every process of the stack: mains and their children."""
     procs = [stack.web, *stack.workers]
     return {p.name: {p.pid} | children_of(p.pid) for p in procs}
-
-
-def named(stack: Stack, role: str) -> list[dict]:
-    """Return the CLIENT LIST entries named tidings:<role>:..."""
-    return [
-        c for c in stack.redis().client_list() if c.get("name", "").startswith(f"tidings:{role}:")
-    ]
 
 
 def listener_subscribed(stack: Stack) -> bool:
@@ -164,9 +127,7 @@ def outage_stack(make_stack: Callable[..., Stack]) -> Stack:
     return stack
 
 
-def outage(
-    stack: Stack, clients: list[RecordingClient], seconds: float, problems: list[str]
-) -> float:
+def outage(stack: Stack, clients: list[OutageClient], seconds: float, problems: list[str]) -> float:
     """Stop Redis for `seconds`, start it again; return how long until delivery resumed."""
     tag = f"{seconds:g}s"
     before = processes(stack)
@@ -237,7 +198,7 @@ def outage(
 
 
 def run_outages(stack: Stack, durations: list[float]) -> None:
-    clients = [RecordingClient(stack.url) for _ in range(CLIENTS)]
+    clients = [OutageClient(stack.url) for _ in range(CLIENTS)]
     problems: list[str] = []
     try:
         for client in clients:

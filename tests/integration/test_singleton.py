@@ -12,16 +12,20 @@ from __future__ import annotations
 import itertools
 import json
 import socket
-import threading
 from collections import Counter
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.support import Stack, wait_for
-from tidings.client import TidingsClient
+from tests.support import (
+    RecordingClient,
+    Stack,
+    children_of,
+    named,
+    pid_of,
+    topic_listeners,
+    wait_for,
+)
 from tidings.history import parse_offset
 from tidings.lease import current_holder
 
@@ -32,54 +36,6 @@ CLIENTS = 20
 PUBLICATIONS = 1000
 WEB_WORKERS = 4
 CELERY_WORKERS = 3
-
-
-class RecordingClient(TidingsClient):
-    """A TidingsClient that also records every raw publication it receives."""
-
-    def __init__(self, url: str) -> None:
-        self.delivered: list[dict[str, Any]] = []
-        self.raw: list[dict[str, Any]] = []
-        self._raw_lock = threading.Lock()
-        super().__init__(url, on_publication=self.delivered.append, transports=["websocket"])
-
-    def _on_publications(self, publications: Any) -> None:
-        with self._raw_lock:
-            if isinstance(publications, list):
-                self.raw.extend(p for p in publications if isinstance(p, dict))
-        super()._on_publications(publications)
-
-
-def children_of(pid: int) -> set[int]:
-    """Return the pids whose parent is `pid` (field 4 of /proc/<pid>/stat)."""
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-            found.add(int(entry.name))
-    return found
-
-
-def named(stack: Stack, role: str) -> list[dict]:
-    """Return the CLIENT LIST entries named tidings:<role>:..."""
-    return [
-        c for c in stack.redis().client_list() if c.get("name", "").startswith(f"tidings:{role}:")
-    ]
-
-
-def pid_of(entry: dict) -> int:
-    """Return the pid part of a tidings:<role>:<host>:<pid> client name."""
-    return int(entry["name"].rsplit(":", 1)[1])
-
-
-def topic_listeners(stack: Stack) -> list[dict]:
-    """Return the tidings:listener connections subscribed to a pattern."""
-    return [c for c in named(stack, "listener") if int(c.get("psub", 0)) > 0]
 
 
 def test_one_listener_and_exactly_once_delivery(make_stack: Callable[..., Stack]) -> None:
@@ -142,12 +98,14 @@ def test_one_listener_and_exactly_once_delivery(make_stack: Callable[..., Stack]
 
         expected = [{"n": n} for n in range(PUBLICATIONS)] + [{"n": "end"}]
         for index, client in enumerate(clients):
-            raw_offsets = Counter(p["offset"] for p in client.raw)
+            raw_offsets = Counter(p["offset"] for p in client.raw_pubs())
             repeated = {o: k for o, k in raw_offsets.items() if k > 1}
             assert not repeated, f"client {index} received offsets more than once: {repeated}"
-            assert len(client.raw) == PUBLICATIONS + 1, (index, len(client.raw))
-            assert [p["data"] for p in client.raw] == expected, f"client {index}: order or loss"
-            pairs = [parse_offset(p["offset"]) for p in client.raw]
+            assert len(client.raw_pubs()) == PUBLICATIONS + 1, (index, len(client.raw_pubs()))
+            assert [p["data"] for p in client.raw_pubs()] == expected, (
+                f"client {index}: order or loss"
+            )
+            pairs = [parse_offset(p["offset"]) for p in client.raw_pubs()]
             assert all(a < b for a, b in itertools.pairwise(pairs)), index
             assert [p["data"] for p in client.delivered] == expected
 
