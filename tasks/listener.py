@@ -43,7 +43,7 @@ DISPATCH_EXPIRES_SECONDS = 10
 def run_listener(self) -> bool:
     """Hold the listener lease and forward until stopped; False when another holds it."""
     settings = load_or_exit()
-    configure("listener", settings.log_level)
+    configure("listener", settings.log_level, settings.log_format)
     listener = Listener(settings)
     previous = signal.signal(signal.SIGTERM, lambda *_: listener.stop())
     try:
@@ -65,7 +65,7 @@ class ListenerSupervisor(bootsteps.StartStopStep):
 
     def start(self, worker) -> None:
         settings = load_or_exit()
-        configure("worker", settings.log_level)
+        configure("worker", settings.log_level, settings.log_format)
         # Short timeouts: the check runs in the worker's event loop.
         self._redis = connect(
             settings.redis_url, "supervisor", socket_timeout=0.5, socket_connect_timeout=0.5

@@ -11,7 +11,10 @@ pending, never forwarded twice. One round trip per batch, however large.
 
 The emitted message is python-socketio's pub/sub manager format (what
 `RedisManager(write_only=True).emit()` publishes); building it in the script
-lets the offsets go out in the same step that allocates them.
+lets the offsets go out in the same step that allocates them. It carries one
+more top-level key, `tidings`, that python-socketio ignores and clients never
+see: the batch's source path, each publication's entry time (ms, for the web
+tier's publish-to-send latency) and the size of the publications list.
 """
 
 from __future__ import annotations
@@ -60,22 +63,29 @@ for j = 1, ndropped do
   receipt(ARGV[pos], 'dropped:' .. ARGV[pos + 1])
   pos = pos + 2
 end
+local path = ARGV[pos]
+pos = pos + 1
 local offsets = {}
 for k = 3, #KEYS do
   local topic_json, room_json, n = ARGV[pos], ARGV[pos + 1], tonumber(ARGV[pos + 2])
   pos = pos + 3
   local parts = {}
+  local entered = {}
   for j = 1, n do
-    local data, ts, wants_receipt = ARGV[pos], ARGV[pos + 1], ARGV[pos + 2]
-    pos = pos + 3
+    local data, ts, wants_receipt, t = ARGV[pos], ARGV[pos + 1], ARGV[pos + 2], ARGV[pos + 3]
+    pos = pos + 4
     local id = redis.call('XADD', KEYS[k], 'MAXLEN', maxlen, '*', 'd', data, 't', ts)
     parts[j] = '{"topic":' .. topic_json .. ',"offset":"' .. id .. '","data":' .. data .. '}'
+    entered[j] = t
     offsets[#offsets + 1] = id
     if wants_receipt ~= '' then receipt(wants_receipt, id) end
   end
   redis.call('EXPIRE', KEYS[k], ttl)
   local body = table.concat(parts, ',')
-  redis.call('PUBLISH', channel, head .. room_json .. ',"data":[[' .. body .. ']]}')
+  -- `tidings` is for the web tier's metrics only: python-socketio ignores it.
+  redis.call('PUBLISH', channel, head .. room_json .. ',"data":[[' .. body .. ']],'
+    .. '"tidings":{"path":"' .. path .. '","n":' .. #body .. ',"t":['
+    .. table.concat(entered, ',') .. ']}}')
 end
 return offsets
 """
@@ -102,6 +112,9 @@ class Publication:
     published_ms: int | None = None
     # The ingest id of a durable publication whose publisher waits for a receipt.
     receipt: str | None = None
+    # When it entered Tidings (publish time, else when Redis or the listener
+    # first saw it), in ms: the start of the latency metrics, nothing else.
+    entered_ms: int | None = None
 
 
 class Forwarder:
@@ -127,6 +140,7 @@ class Forwarder:
         ack_ids: Iterable[bytes | str] = (),
         dropped_receipts: Iterable[tuple[str, str]] = (),
         lease_token: str = "",
+        path: str = "",
     ) -> list[str]:
         """Forward publications (grouped per topic, order kept) and ack ingest ids.
 
@@ -134,7 +148,8 @@ class Forwarder:
         `tidings:receipt:<ingest id>`; `dropped_receipts` (ingest id, reason)
         tell waiting publishers of dropped ones. Returns the offsets in the
         order the topics were first seen. Raises Fenced when `lease_token` is
-        given and no longer holds the lease.
+        given and no longer holds the lease. `path` (pubsub, ingest) labels
+        the web tier's latency metrics.
         """
         by_topic: dict[str, list[Publication]] = {}
         for pub in publications:
@@ -159,12 +174,19 @@ class Forwarder:
         ]
         for ingest_id, reason in drops:
             args += [ingest_id, reason]
+        args.append(path if path in ("pubsub", "ingest") else "")
         for topic, pubs in by_topic.items():
             keys.append(history_key(topic))
             args += [json.dumps(topic), json.dumps(room(topic)), str(len(pubs))]
             for pub in pubs:
                 published = "" if pub.published_ms is None else str(pub.published_ms)
-                args += [pub.data_json, published, pub.receipt or ""]
+                entered = pub.entered_ms if pub.entered_ms is not None else pub.published_ms
+                args += [
+                    pub.data_json,
+                    published,
+                    pub.receipt or "",
+                    "null" if entered is None else str(int(entered)),
+                ]
         try:
             offsets = self._script(keys=keys, args=args)
         except redis.ResponseError as exc:

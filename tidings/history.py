@@ -42,9 +42,11 @@ BEGINNING = "0-0"
 def recover(client: redis.Redis, topic: str, since: str | None, *, history_size: int) -> Recovery:
     """Read the topic's latest offset and, with `since`, everything after it.
 
-    `since` is recoverable only while its own entry is still in history:
-    trimming removes the oldest entries first, so an entry that is still
-    there proves nothing after it was trimmed. `since` = "0-0" (the client
+    `since` is recoverable while history has not been trimmed past it:
+    trimming removes the oldest entries first, so `since` still present, or
+    an entry older than it still present, proves nothing after it was
+    trimmed. (`since` itself can be missing after a Redis failover: the new
+    master may never have had it.) `since` = "0-0" (the client
     saw the topic empty) is recoverable while the stream was never trimmed,
     that is while it holds fewer than `history_size` entries (the cap is
     exact). One round trip either way.
@@ -63,9 +65,14 @@ def recover(client: redis.Redis, topic: str, since: str | None, *, history_size:
     if since_pair == (0, 0):
         if len(entries) >= history_size:
             return Recovery(offset=latest, recovered=False)
-    elif not entries or entries[0][0].decode() != since:
-        return Recovery(offset=latest, recovered=False)
-    else:
+    elif entries and entries[0][0].decode() == since:
         entries = entries[1:]
+    else:
+        # `since` is not in history: recoverable only if an older entry still
+        # is (trimming, oldest first, has not passed it). After a Redis
+        # failover, a client may hold an offset the new master never had.
+        oldest = client.xrange(key, count=1)
+        if not oldest or parse_offset(oldest[0][0].decode()) >= since_pair:
+            return Recovery(offset=latest, recovered=False)
     publications = [_publication(topic, entry_id, fields) for entry_id, fields in entries]
     return Recovery(offset=latest, recovered=True, publications=publications)

@@ -29,3 +29,22 @@ def room(topic: str) -> str:
     another room (every client's sid is a room too).
     """
     return "t:" + topic
+
+
+# Operational statistics (issue 6), read by the web tier's /metrics, /api/ops
+# and `flask doctor`; nothing in the delivery path depends on them.
+# tidings:stats:listener: a hash of the listener's counters, accumulated
+# across listeners (HINCRBY deltas about once a second) plus its last flush.
+STATS_LISTENER_KEY = "tidings:stats:listener"
+# tidings:stats:drops: a capped list (newest first) of recent drops, as JSON.
+STATS_DROPS_KEY = "tidings:stats:drops"
+# tidings:stats:web:<host>:<pid>: a hash per web worker, expiring seconds
+# after the worker stops refreshing it; tidings:stats:webs indexes them (a
+# sorted set scored by refresh time, so nobody has to SCAN the keyspace).
+STATS_WEB_PREFIX = "tidings:stats:web:"
+STATS_WEB_INDEX = "tidings:stats:webs"
+
+
+def web_stats_key(worker: str) -> str:
+    """Return the stats hash key of a web worker named `<host>:<pid>`."""
+    return STATS_WEB_PREFIX + worker

@@ -15,10 +15,14 @@ stop request is seen within a second:
 
 Redis outages are expected: every loop reconnects forever with capped
 backoff and logs one line per outage, never a stack trace.
+
+Its counters (`tidings.stats.ListenerStats`) are flushed to Redis by the lease
+loop once per renewal, for the web tier's `/metrics` to render.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -43,6 +47,7 @@ from tidings.lease import Lease
 from tidings.logs import RateLimited
 from tidings.payloads import DroppedPublication, to_json_text
 from tidings.settings import Settings
+from tidings.stats import ListenerStats, worker_name
 from tidings.topics import is_valid_topic
 
 log = logging.getLogger("tidings.listener")
@@ -116,7 +121,8 @@ class Listener:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._lease: Lease | None = None
-        self.counts: Counter[str] = Counter()
+        self.stats = ListenerStats()
+        self.counts: Counter[str] = self.stats.counts
         self._drops = RateLimited(log)
         self._patterns = (TOPIC_CHANNEL_PATTERN, *settings.subscribe)
         self.claim_idle_ms = CLAIM_IDLE_MS
@@ -137,6 +143,8 @@ class Listener:
             log.info("lease held by another listener; exiting")
             return False
         log.info("acquired the listener lease; forwarding")
+        self.counts["starts"] += 1
+        self._flush_stats(client)
         self._threads = [
             threading.Thread(target=self._guard, args=(self._read_pubsub,), name="pubsub"),
             threading.Thread(target=self._guard, args=(self._read_ingest,), name="ingest"),
@@ -150,6 +158,7 @@ class Listener:
             self._stop.set()
             for thread in self._threads:
                 thread.join(timeout=5)
+            self._flush_stats(client)
             try:
                 if self._lease.release():
                     log.info("released the listener lease")
@@ -178,6 +187,7 @@ class Listener:
                     if down_since is not None:
                         log.info("Redis is back; lease renewed")
                         down_since = None
+                    self._flush_stats(client)
                     continue
             except _REDIS_DOWN:
                 if down_since is None:
@@ -186,6 +196,12 @@ class Listener:
                 continue
             log.warning("lost the listener lease to another listener; stopping")
             self._stop.set()
+
+    def _flush_stats(self, client: redis.Redis) -> None:
+        """Add the counters' increments to Redis; a failure waits for the next flush."""
+        # Redis down or read-only: the increments stay pending.
+        with contextlib.suppress(redis.RedisError):
+            self.stats.flush(client, worker_name())
 
     def _guard(self, loop: Callable[[], None]) -> None:
         try:
@@ -273,8 +289,7 @@ class Listener:
                     break
                 message = pubsub.get_message(timeout=0)
             if batch:
-                self._forward(forwarder, batch, [])
-                self.counts["forwarded_pubsub"] += len(batch)
+                self._forward(forwarder, batch, [], path="pubsub")
 
     def _forward(
         self,
@@ -282,6 +297,8 @@ class Listener:
         batch: list[Publication],
         ack_ids: list,
         dropped_receipts: Sequence[tuple[str, str]] = (),
+        *,
+        path: str,
     ) -> None:
         assert self._lease is not None
 
@@ -291,6 +308,7 @@ class Listener:
                 ack_ids=ack_ids,
                 dropped_receipts=dropped_receipts,
                 lease_token=self._lease.token,
+                path=path,
             )
 
         try:
@@ -303,6 +321,8 @@ class Listener:
                 raise
             log.info("the lease had expired (Redis restarted?); re-acquired it")
             attempt()
+        # One clock read per batch; the loop over it is the forward's own size.
+        self.stats.forwarded(path, (pub.entered_ms for pub in batch), now_ms())
 
     def _from_pubsub(self, message: dict) -> Publication | str | None:
         if message.get("type") != "pmessage":
@@ -315,10 +335,16 @@ class Listener:
             return None  # Tidings' own channels caught by a broad extra pattern
         else:
             topic = channel
-        return self._publication(topic, message["data"], None, "pubsub")
+        # Pub/sub carries no publish time: the listener's receipt stands in.
+        return self._publication(topic, message["data"], None, "pubsub", now_ms())
 
     def _publication(
-        self, topic: str, raw: bytes | None, published_ms: int | None, path: str
+        self,
+        topic: str,
+        raw: bytes | None,
+        published_ms: int | None,
+        path: str,
+        entered_ms: int | None,
     ) -> Publication | str:
         """Return the publication to forward, or the reason it is dropped."""
         self.counts["received_" + path] += 1
@@ -327,11 +353,22 @@ class Listener:
                 raise DroppedPublication("invalid_topic")
             if raw is None:
                 raise DroppedPublication("malformed", "no data field")
-            return Publication(topic, to_json_text(raw, self.settings.max_payload), published_ms)
+            return Publication(
+                topic,
+                to_json_text(raw, self.settings.max_payload),
+                published_ms,
+                entered_ms=entered_ms,
+            )
         except DroppedPublication as drop:
             self.counts["dropped_" + drop.reason] += 1
+            self.stats.dropped(drop.reason, path, topic)
             self._drops.warning(
-                drop.reason, "dropped a publication (%s) on topic %.140r via %s", drop, topic, path
+                drop.reason,
+                "dropped a publication (%s) on topic %.140r via %s",
+                drop,
+                topic,
+                path,
+                extra={"topic": topic[:140]},
             )
             return drop.reason
 
@@ -440,7 +477,7 @@ class Listener:
         for entry_id, fields in entries:
             ack_ids.append(entry_id)
             if fields is not None:  # None: deleted from the stream while pending
-                pub = self._from_ingest(fields)
+                pub = self._from_ingest(entry_id, fields)
                 wants_receipt = fields.get(b"receipt") == b"1"
                 if isinstance(pub, Publication):
                     if wants_receipt:
@@ -450,15 +487,18 @@ class Listener:
                 elif wants_receipt:
                     dropped_receipts.append((entry_id.decode(), pub))
             if len(ack_ids) >= MAX_BATCH or size >= MAX_BATCH_BYTES:
-                self._forward(forwarder, batch, ack_ids, dropped_receipts)
-                self.counts["forwarded_ingest"] += len(batch)
+                self._forward(forwarder, batch, ack_ids, dropped_receipts, path="ingest")
                 batch, ack_ids, dropped_receipts, size = [], [], [], 0
         if ack_ids:
-            self._forward(forwarder, batch, ack_ids, dropped_receipts)
-            self.counts["forwarded_ingest"] += len(batch)
+            self._forward(forwarder, batch, ack_ids, dropped_receipts, path="ingest")
 
-    def _from_ingest(self, fields: dict[bytes, bytes]) -> Publication | str:
+    def _from_ingest(self, entry_id: bytes, fields: dict[bytes, bytes]) -> Publication | str:
         topic = fields.get(b"topic", b"").decode("utf-8", "replace")
         published = fields.get(b"ts", b"")
         published_ms = int(published) if published.isdigit() else None
-        return self._publication(topic, fields.get(b"data"), published_ms, "ingest")
+        # Without `ts` (a plain XADD), the entry id's time: when Redis took it.
+        entered_ms = published_ms
+        if entered_ms is None:
+            stamp = entry_id.split(b"-", 1)[0]
+            entered_ms = int(stamp) if stamp.isdigit() else None
+        return self._publication(topic, fields.get(b"data"), published_ms, "ingest", entered_ms)

@@ -1,12 +1,22 @@
-"""One log line per event that matters, tagged with role and pid."""
+"""One log line per event that matters, tagged with role and pid; text or JSON.
+
+`TIDINGS_LOG_FORMAT=json` prints one JSON object per line with the fields
+`ts` (UTC, ISO 8601, milliseconds), `level`, `role`, `pid`, `logger`,
+`message`, and `topic` when the call passes `extra={"topic": ...}`; an
+unexpected exception adds `exc` (its traceback, as one string).
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
+from datetime import UTC, datetime
+from typing import Any
 
 _FORMAT = "%(asctime)s %(levelname)s [%(tidings_role)s pid=%(process)d] %(name)s: %(message)s"
+FORMATS = ("text", "json")
 
 
 class _RoleFilter(logging.Filter):
@@ -19,8 +29,37 @@ class _RoleFilter(logging.Filter):
         return True
 
 
-def configure(role: str, level: str = "INFO") -> None:
-    """Send the `tidings` loggers to stderr, one line each, tagged with `role`."""
+class JsonFormatter(logging.Formatter):
+    """Format a record as one line of JSON for log collectors."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = datetime.fromtimestamp(record.created, UTC)
+        entry: dict[str, Any] = {
+            "ts": stamp.strftime("%Y-%m-%dT%H:%M:%S.") + f"{stamp.microsecond // 1000:03d}Z",
+            "level": record.levelname,
+            "role": getattr(record, "tidings_role", None),
+            "pid": record.process,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        topic = getattr(record, "topic", None)
+        if topic is not None:
+            entry["topic"] = str(topic)
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            entry["exc"] = record.exc_text
+        # default=str: a stray object in a message's args never breaks a line.
+        return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+def configure(role: str, level: str = "INFO", fmt: str = "text") -> None:
+    """Send the `tidings` loggers to stderr, one line each, tagged with `role`.
+
+    `fmt` is "text" (human) or "json" (one object per line).
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"log format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     logger = logging.getLogger("tidings")
     for handler in list(logger.handlers):
         if getattr(handler, "_tidings", False):
@@ -30,7 +69,7 @@ def configure(role: str, level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.__stderr__)
     handler._tidings = True  # type: ignore[attr-defined]
     handler.addFilter(_RoleFilter(role))
-    handler.setFormatter(logging.Formatter(_FORMAT))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(_FORMAT))
     logger.addHandler(handler)
     logger.setLevel(level)
     logger.propagate = False
@@ -45,7 +84,9 @@ class RateLimited:
         self._last: dict[str, float] = {}
         self._suppressed: dict[str, int] = {}
 
-    def warning(self, key: str, message: str, *args: object) -> None:
+    def warning(
+        self, key: str, message: str, *args: object, extra: dict[str, Any] | None = None
+    ) -> None:
         """Log `message` unless `key` was logged within the interval."""
         now = time.monotonic()
         if now - self._last.get(key, -self._interval) < self._interval:
@@ -54,4 +95,4 @@ class RateLimited:
         self._last[key] = now
         skipped = self._suppressed.pop(key, 0)
         suffix = f" ({skipped} more since last report)" if skipped else ""
-        self._logger.warning(message + suffix, *args)
+        self._logger.warning(message + suffix, *args, extra=extra)

@@ -9,7 +9,10 @@ from urllib.parse import urlsplit, urlunsplit
 
 from tidings.topics import is_valid_pattern
 
-REDIS_SCHEMES = ("redis", "rediss", "unix")
+SENTINEL_SCHEME = "redis+sentinel"
+REDIS_SCHEMES = ("redis", "rediss", "unix", SENTINEL_SCHEME)
+# kombu's (Celery's broker) spelling: sentinel://host1:port1;sentinel://host2:port2
+BROKER_SENTINEL_SCHEME = "sentinel"
 
 
 class ConfigError(ValueError):
@@ -50,6 +53,9 @@ class Settings:
     max_connections_per_ip: int = 100
     max_publish_body: int = 1024 * 1024
     max_publish_batch: int = 1000
+    # The Sentinel master name of a sentinel:// broker (TIDINGS_SENTINEL_MASTER,
+    # else the service named in a redis+sentinel:// TIDINGS_REDIS_URL).
+    sentinel_master: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -57,6 +63,7 @@ class Settings:
         env = os.environ if env is None else env
         redis_url = _redis_url(env, "TIDINGS_REDIS_URL", cls.redis_url)
         broker_default = _next_db(redis_url)
+        sentinel_master = _sentinel_master(env, redis_url)
         port = env.get("PORT", "").strip()
         if port:
             _int_in("PORT", port, 1, 65535)
@@ -65,7 +72,7 @@ class Settings:
             bind_default = cls.bind
         return cls(
             redis_url=redis_url,
-            broker_url=_broker_url(env, broker_default),
+            broker_url=_broker_url(env, broker_default, sentinel_master),
             bind=_bind(env.get("TIDINGS_BIND", bind_default)),
             web_concurrency=_int(env, "WEB_CONCURRENCY", cls.web_concurrency, 1, 512),
             worker_connections=_int(
@@ -108,6 +115,7 @@ class Settings:
             max_publish_batch=_int(
                 env, "TIDINGS_MAX_PUBLISH_BATCH", cls.max_publish_batch, 1, 100_000
             ),
+            sentinel_master=sentinel_master,
         )
 
 
@@ -135,6 +143,9 @@ def _choice(env: Mapping[str, str], variable: str, default: str, allowed: tuple[
 
 def _redis_url(env: Mapping[str, str], variable: str, default: str) -> str:
     url = env.get(variable, "").strip() or default
+    if url.startswith(SENTINEL_SCHEME + "://"):
+        parse_sentinel_url(url, variable)
+        return url
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 -- raises ValueError on a bad port
@@ -150,6 +161,72 @@ def _redis_url(env: Mapping[str, str], variable: str, default: str) -> str:
     return url
 
 
+@dataclass(frozen=True)
+class SentinelURL:
+    """A parsed `redis+sentinel://[user:pass@]host1:port1,host2:port2/<db>/<service>`."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    db: int
+    service: str
+    username: str | None = None
+    password: str | None = None
+
+
+def parse_sentinel_url(url: str, variable: str = "TIDINGS_REDIS_URL") -> SentinelURL:
+    """Parse a Sentinel URL (python-socketio's format); ConfigError naming `variable` if bad.
+
+    The user and password are the Redis master's (not the sentinels'). They
+    are taken verbatim, as python-socketio's message queue reads them, so
+    percent-encoding is refused rather than read two different ways.
+    """
+    form = f"expected {SENTINEL_SCHEME}://[user:password@]host:port[,host:port...]/<db>/<service>"
+    scheme, sep, rest = url.partition("://")
+    if scheme != SENTINEL_SCHEME or not sep:
+        raise ConfigError(variable, f"{form}, got {url!r}")
+    netloc, slash, path = rest.partition("/")
+    credentials, at, hosts = netloc.rpartition("@")
+    username = password = None
+    if at:
+        if "%" in credentials:
+            raise ConfigError(variable, "percent-encoded credentials are not supported here")
+        user, colon, secret = credentials.partition(":")
+        username = user or None
+        password = secret if colon and secret else None
+    sentinels = []
+    for item in hosts.split(","):
+        host, colon, port = item.strip().rpartition(":")
+        if not colon or not host:
+            raise ConfigError(variable, f"each sentinel must be host:port, got {item!r} ({form})")
+        if host.startswith("["):
+            raise ConfigError(
+                variable, f"IPv6 literals are not supported, use a host name: {item!r}"
+            )
+        sentinels.append((host, _int_in(variable, port, 1, 65535)))
+    segments = path.split("/") if slash else []
+    if len(segments) != 2 or not segments[0] or not segments[1]:
+        raise ConfigError(variable, f"{form}: the database and the service name are required")
+    db = _db_of(variable, segments[0])
+    service = segments[1]
+    if not _is_name(service):
+        raise ConfigError(variable, f"not a Sentinel service name: {service!r}")
+    return SentinelURL(tuple(sentinels), db, service, username, password)
+
+
+def _is_name(name: str) -> bool:
+    return bool(name) and not any(c.isspace() or c in "/;,@:" for c in name)
+
+
+def _sentinel_master(env: Mapping[str, str], redis_url: str) -> str | None:
+    name = env.get("TIDINGS_SENTINEL_MASTER", "").strip()
+    if name:
+        if not _is_name(name):
+            raise ConfigError("TIDINGS_SENTINEL_MASTER", f"not a Sentinel master name: {name!r}")
+        return name
+    if redis_url.startswith(SENTINEL_SCHEME + "://"):
+        return parse_sentinel_url(redis_url).service
+    return None
+
+
 def _db_of(variable: str, path: str) -> int:
     db = path.strip("/") or "0"
     if not db.isdigit():
@@ -158,7 +235,20 @@ def _db_of(variable: str, path: str) -> int:
 
 
 def _next_db(url: str) -> str:
-    """Return the same server's next database: the broker's default home."""
+    """Return the same server's next database: the broker's default home.
+
+    For a redis+sentinel:// URL, the same sentinels in kombu's spelling
+    (`sentinel://host:port/<db>;sentinel://...`), credentials on the first.
+    """
+    if url.startswith(SENTINEL_SCHEME + "://"):
+        parsed = parse_sentinel_url(url)
+        auth = ""
+        if parsed.username or parsed.password:
+            auth = f"{parsed.username or ''}:{parsed.password or ''}@"
+        return ";".join(
+            f"{BROKER_SENTINEL_SCHEME}://{auth if i == 0 else ''}{host}:{port}/{parsed.db + 1}"
+            for i, (host, port) in enumerate(parsed.sentinels)
+        )
     parts = urlsplit(url)
     if parts.scheme == "unix":
         return url
@@ -166,16 +256,29 @@ def _next_db(url: str) -> str:
     return urlunsplit(parts._replace(path=f"/{db + 1}"))
 
 
-def _broker_url(env: Mapping[str, str], default: str) -> str:
-    url = env.get("TIDINGS_BROKER_URL", "").strip()
-    if not url:
-        return default
-    try:
-        scheme = urlsplit(url).scheme
-    except ValueError as exc:
-        raise ConfigError("TIDINGS_BROKER_URL", f"not a valid URL ({exc})") from None
-    if not scheme or "://" not in url:
-        raise ConfigError("TIDINGS_BROKER_URL", f"not a URL: {url!r}")
+def _broker_url(env: Mapping[str, str], default: str, sentinel_master: str | None) -> str:
+    url = env.get("TIDINGS_BROKER_URL", "").strip() or default
+    sentinel = url.startswith(BROKER_SENTINEL_SCHEME + "://")
+    for part in url.split(";"):
+        try:
+            parts = urlsplit(part.strip())
+            parts.port  # noqa: B018 -- raises ValueError on a bad port
+        except ValueError as exc:
+            raise ConfigError("TIDINGS_BROKER_URL", f"not a valid URL ({exc})") from None
+        if not parts.scheme or "://" not in part:
+            raise ConfigError("TIDINGS_BROKER_URL", f"not a URL: {url!r}")
+        if (parts.scheme == BROKER_SENTINEL_SCHEME) != sentinel:
+            raise ConfigError("TIDINGS_BROKER_URL", f"mixes sentinel:// and other URLs: {url!r}")
+        if sentinel:
+            if not parts.hostname:
+                raise ConfigError("TIDINGS_BROKER_URL", f"no sentinel host in {part!r}")
+            _db_of("TIDINGS_BROKER_URL", parts.path)
+    if sentinel and not sentinel_master:
+        raise ConfigError(
+            "TIDINGS_SENTINEL_MASTER",
+            "a sentinel:// TIDINGS_BROKER_URL needs the master's name: set "
+            "TIDINGS_SENTINEL_MASTER (a redis+sentinel:// TIDINGS_REDIS_URL names it too)",
+        )
     return url
 
 

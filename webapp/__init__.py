@@ -10,7 +10,7 @@ from gevent import monkey
 from tidings.connection import connect
 from tidings.logs import configure
 from tidings.settings import Settings, load_or_exit
-from webapp import api, backpressure, cli, dashboard, health, realtime
+from webapp import api, backpressure, cli, dashboard, doctor, health, metrics, ops, realtime
 from webapp.extensions import socketio
 from webapp.origins import allowed_origins
 from webapp.queue import QueueManager
@@ -31,7 +31,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     if test_config:
         app.config.update(test_config)
     settings: Settings = app.config.get("SETTINGS") or load_or_exit()
-    configure("web", settings.log_level)
+    configure("web", settings.log_level, settings.log_format)
     app.extensions["tidings.settings"] = settings
     app.config["MAX_CONTENT_LENGTH"] = settings.max_publish_body  # 413 beyond
     app.extensions["tidings.redis"] = connect(settings.redis_url, "web")
@@ -65,6 +65,6 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         max_packets=settings.client_queue_packets,
         max_bytes=settings.client_queue_bytes,
     )
-    for feature in (realtime, health, api, dashboard, cli):
+    for feature in (realtime, health, api, dashboard, cli, metrics, ops, doctor):
         feature.init_app(app)
     return app

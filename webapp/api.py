@@ -9,6 +9,7 @@ from typing import Any
 import redis
 from flask import Blueprint, Flask, current_app, request
 
+from tidings import metrics
 from tidings.publishing import PublishError, PublishTimeout, await_receipts, send
 
 log = logging.getLogger("tidings.api")
@@ -50,6 +51,8 @@ def publish_route() -> tuple[dict, int]:
     body = request.get_json(silent=True)
     items = body if isinstance(body, list) else [body]
     if not items or len(items) > settings.max_publish_batch:
+        if items:
+            metrics.limit_hit("publish_batch")
         limit = settings.max_publish_batch
         return _error(400, "invalid_batch", f"a batch holds 1 to {limit} publications")
     pairs = []
@@ -101,6 +104,7 @@ def _wait_timeout() -> float:
 @bp.errorhandler(413)
 def too_large(_: Exception) -> tuple[dict, int]:
     """A body over TIDINGS_MAX_PUBLISH_BODY."""
+    metrics.limit_hit("publish_body")
     return _error(413, "too_large", "the body is over TIDINGS_MAX_PUBLISH_BODY bytes")
 
 

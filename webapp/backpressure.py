@@ -19,6 +19,8 @@ from typing import Any
 import engineio.socket
 from engineio import packet
 
+from tidings import metrics
+
 log = logging.getLogger("tidings.backpressure")
 
 _record_ws_installed = False
@@ -30,7 +32,7 @@ def _packet_size(item: Any) -> int:
 
 
 def _record_websockets() -> None:
-    """Let each engine.io socket remember its websocket, so a cut can reach the TCP socket."""
+    """Make engine.io sockets remember their websocket and count oversized messages."""
     global _record_ws_installed
     if _record_ws_installed:
         return
@@ -38,6 +40,17 @@ def _record_websockets() -> None:
 
     def recording_handler(self: engineio.socket.Socket, ws: Any) -> Any:
         self.tidings_ws = ws
+        wait = ws.wait
+        limit = self.server.max_http_buffer_size
+
+        def counted_wait() -> Any:
+            # engine.io closes the connection on an oversized message; count it.
+            data = wait()
+            if data and len(data) > limit:
+                metrics.limit_hit("message_size")
+            return data
+
+        ws.wait = counted_wait
         return original(self, ws)
 
     engineio.socket.Socket._websocket_handler = recording_handler
@@ -109,6 +122,7 @@ def install(
             max_packets,
             max_bytes,
         )
+        metrics.slow_client_cut()
         on_cut(sock.sid)
         abort_connection(eio, sock.sid)
 

@@ -41,9 +41,10 @@ def init_app(app: Flask) -> None:
     """Register the dashboard and a send-only Celery client for the demo job."""
     settings = app.extensions["tidings.settings"]
     # Send-only: the web tier dispatches by task name and never imports tasks/.
+    transport_options = {"client_name": client_name("web-celery")}
+    if settings.broker_url.startswith("sentinel://"):  # as in celeryconfig.py
+        transport_options["master_name"] = settings.sentinel_master
     app.extensions["tidings.celery"] = Celery(
-        "tidings-web",
-        broker=settings.broker_url,
-        broker_transport_options={"client_name": client_name("web-celery")},
+        "tidings-web", broker=settings.broker_url, broker_transport_options=transport_options
     )
     app.register_blueprint(bp)

@@ -18,6 +18,7 @@ reconnect, resubscribe with `since` and are told `recovered: false`.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Iterator
@@ -27,7 +28,9 @@ import socketio
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from tidings.connection import SOCKET_TIMEOUT, client_name
+from tidings import metrics
+from tidings.connection import SOCKET_TIMEOUT, client_name, follow_master
+from tidings.forwarder import now_ms
 from tidings.history import BEGINNING, parse_offset, recover
 from tidings.keys import SOCKETIO_CHANNEL
 from webapp.backpressure import abort_connection
@@ -81,6 +84,22 @@ class QueueManager(socketio.RedisManager):
         if message.get("event") == "publications" and isinstance(room, str):
             with contextlib.suppress(LookupError, TypeError, AttributeError):
                 self.note_offset(room[2:], message["data"][0][-1]["offset"])
+            # The forward script's `tidings` key: path, list size, entry times.
+            meta = message.get("tidings")
+            if isinstance(meta, dict):
+                recipients = self.recipients(room)
+                if recipients:
+                    size = meta.get("n")  # the list's items, without its brackets
+                    size = (size if isinstance(size, int) else 0) + 2
+                    metrics.sent(recipients, size + metrics.PACKET_OVERHEAD)
+                    entered = meta.get("t")
+                    if isinstance(entered, list):
+                        metrics.observe_latencies(str(meta.get("path")), entered, now_ms())
+
+    def recipients(self, room: str) -> int:
+        """Return how many of this worker's connections are in a room of `/`."""
+        members = self.rooms.get("/", {}).get(room)
+        return len(members) if members is not None else 0
 
     def _catch_up(self) -> None:
         """Replay, room by room, what was forwarded while this worker was not subscribed."""
@@ -95,14 +114,19 @@ class QueueManager(socketio.RedisManager):
             recovery = recover(self._history, topic, since, history_size=self._history_size)
             if not recovery.recovered:
                 log.warning(
-                    "topic=%s: history no longer covers the gap; resyncing its clients", topic
+                    "topic=%s: history no longer covers the gap; resyncing its clients",
+                    topic,
+                    extra={"topic": topic},
                 )
                 for _, eio_sid in participants:
                     abort_connection(self.server.eio, eio_sid)
                 continue
             if recovery.publications:
                 log.info(
-                    "topic=%s: replayed %d missed publications", topic, len(recovery.publications)
+                    "topic=%s: replayed %d missed publications",
+                    topic,
+                    len(recovery.publications),
+                    extra={"topic": topic},
                 )
                 self.emit(
                     "publications",
@@ -111,11 +135,26 @@ class QueueManager(socketio.RedisManager):
                     room=name,
                     ignore_queue=True,
                 )
+                metrics.QUEUE_REPLAYED.inc(len(recovery.publications))
+                size = len(json.dumps(recovery.publications, separators=(",", ":")))
+                metrics.sent(len(participants), size + metrics.PACKET_OVERHEAD)
                 self.note_offset(topic, recovery.publications[-1]["offset"])
+
+    def _redis_connect(self) -> None:
+        super()._redis_connect()
+        # redis+sentinel://: move to the new master after a failover (the old
+        # one keeps this subscription up but hears nothing); the loop below
+        # then catches up from history as after any outage.
+        follow_master(self.redis)
 
     def close(self) -> None:
         """End the listening loop (tests; a worker simply exits)."""
         self._closed = True
+
+    @property
+    def closed(self) -> bool:
+        """Tell whether `close` was called."""
+        return self._closed
 
     def ready(self) -> tuple[bool, str]:
         """Tell whether this worker receives the message queue, and why not."""
@@ -129,6 +168,7 @@ class QueueManager(socketio.RedisManager):
         channel = self.channel.encode()
         for message in self._redis_listen_with_retries():
             if message["type"] == "message" and message["channel"] == channel:
+                metrics.QUEUE_MESSAGES.inc()
                 yield message["data"]
 
     def _redis_listen_with_retries(self) -> Iterator[dict]:
@@ -157,6 +197,7 @@ class QueueManager(socketio.RedisManager):
                 if self._closed:
                     return
                 self.reconnects += 1
+                metrics.QUEUE_RECONNECTS.inc()
                 if not down:
                     log.warning("message queue: Redis unavailable (%s); reconnecting", exc)
                     down = True

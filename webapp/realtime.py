@@ -18,6 +18,7 @@ import redis
 from flask import Flask, current_app, request
 from flask_socketio import ConnectionRefusedError, join_room, leave_room
 
+from tidings import metrics
 from tidings.history import recover
 from tidings.keys import room
 from tidings.settings import Settings
@@ -80,6 +81,7 @@ def on_connect(auth: Any = None) -> None:
     ip = request.remote_addr or "?"
     if connections.per_ip[ip] >= settings.max_connections_per_ip:
         log.warning("refused a connection: %s has %d already", ip, connections.per_ip[ip])
+        metrics.limit_hit("connections_per_ip")
         raise ConnectionRefusedError("limit")
     grant = Grant()
     if isinstance(auth, dict) and auth.get("token") is not None:
@@ -100,6 +102,8 @@ def on_disconnect(*_: Any) -> None:
     connections = _connections()
     connection = connections.by_sid.pop(request.sid, None)
     if connection is not None:
+        for topic in connection.grant.topics:
+            metrics.subscription_changed(topic, -1)
         connections.per_ip[connection.ip] -= 1
         if connections.per_ip[connection.ip] <= 0:
             del connections.per_ip[connection.ip]
@@ -112,6 +116,7 @@ def on_subscribe(payload: Any = None, *_: Any) -> dict[str, Any]:
     if connection is None or not isinstance(payload, dict):
         return _error("invalid_topic")
     if not connection.take(settings.subscribe_rate):
+        metrics.limit_hit("subscribe_rate")
         return _error("limit")
     topic = payload.get("topic")
     if not is_valid_topic(topic):
@@ -132,7 +137,9 @@ def on_subscribe(payload: Any = None, *_: Any) -> dict[str, Any]:
             log.info("forbidden: sub=%s topic=%s (channel token)", grant.sub, topic)
             return _error("forbidden")
         expires = claims.expires_at
-    if topic not in grant.topics and len(grant.topics) >= settings.max_subscriptions:
+    new = topic not in grant.topics
+    if new and len(grant.topics) >= settings.max_subscriptions:
+        metrics.limit_hit("subscriptions")
         return _error("limit")
     # Join before reading history: a publication in between then arrives
     # twice (live and recovered) and the client drops the copy by offset;
@@ -154,6 +161,8 @@ def on_subscribe(payload: Any = None, *_: Any) -> dict[str, Any]:
     manager = current_app.extensions["tidings.queue"]
     if manager is not None:
         manager.note_offset(topic, recovery.offset)
+    if new:
+        metrics.subscription_changed(topic, 1)
     return {
         "ok": True,
         "topic": topic,
@@ -170,8 +179,9 @@ def on_unsubscribe(payload: Any = None, *_: Any) -> dict[str, Any]:
         return _error("invalid_topic")
     leave_room(room(topic))
     connection = _connections().by_sid.get(request.sid)
-    if connection is not None:
-        connection.grant.topics.pop(topic, None)
+    if connection is not None and topic in connection.grant.topics:
+        connection.grant.topics.pop(topic)
+        metrics.subscription_changed(topic, -1)
     return {"ok": True}
 
 
@@ -218,6 +228,7 @@ def _sweep_once(connections: Connections, settings: Settings, now: float) -> Non
             ):
                 # A channel token ran out: that subscription ends.
                 grant.topics.pop(topic, None)
+                metrics.subscription_changed(topic, -1)
                 socketio.server.leave_room(sid, room(topic), namespace="/")
                 socketio.emit("token_expired", {"topic": topic}, to=sid)
         if grant.expires_at is None or grant.expires_at > now:

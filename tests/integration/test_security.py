@@ -83,7 +83,12 @@ def test_an_oversized_message_closes_only_that_connection(secured: Stack) -> Non
             ws.recv()
     secured.publish("public.ok", 1)
     wait_for(lambda: got, timeout=10)
+    wait_for(lambda: 'tidings_limit_hits_total{kind="message_size"} 1.0' in metrics_text(secured))
     bystander.disconnect()
+
+
+def metrics_text(stack: Stack) -> str:
+    return requests.get(stack.url + "/metrics", timeout=5).text
 
 
 class Exploit:

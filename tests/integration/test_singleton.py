@@ -43,6 +43,8 @@ def test_one_listener_and_exactly_once_delivery(make_stack: Callable[..., Stack]
     workers = [stack.start_worker(concurrency=4) for _ in range(CELERY_WORKERS)]
     stack.start_web()
     stack.wait_ready(timeout=60)
+    # /readyz answers from one worker: wait until all of them hear the queue.
+    wait_for(lambda: stack.redis().publish("tidings:socketio", "{}") == WEB_WORKERS, timeout=60)
     host = socket.gethostname().replace(" ", "_")
 
     # Every supervisor dispatched a listener at start; all but one found the

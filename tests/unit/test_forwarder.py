@@ -70,10 +70,21 @@ def test_recover_reports_a_gap_once_since_was_trimmed_or_is_bogus(
     offsets = forwarder.forward([Publication("a", str(i)) for i in range(8)])
     trimmed = recover(redis_client, "a", offsets[0], history_size=5)
     assert not trimmed.recovered and trimmed.offset == offsets[-1]
-    for bogus in ["0-1", "9999999999999-0", "nonsense", 12, {"x": 1}]:
+    for bogus in ["0-1", "nonsense", 12, {"x": 1}]:
         assert not recover(redis_client, "a", bogus, history_size=5).recovered
-    fresh = recover(redis_client, "nothing.yet", None, history_size=5)
-    assert fresh.offset is None and fresh.publications == []
+
+
+def test_recover_since_an_offset_this_redis_never_had(redis_client: redis.Redis) -> None:
+    # After a failover the new master may lack the client's last offset; what
+    # it holds after that offset is still everything the client can get.
+    for entry_id, data in [("100-0", "1"), ("300-0", "3")]:
+        redis_client.xadd("tidings:history:a", {"d": data}, id=entry_id)
+    recovery = recover(redis_client, "a", "200-0", history_size=5)
+    assert recovery.recovered and [p["data"] for p in recovery.publications] == [3]
+    future = recover(redis_client, "a", "9999999999999-0", history_size=5)
+    assert future.recovered and future.publications == []
+    # Older than everything kept: trimmed past it, a gap.
+    assert not recover(redis_client, "a", "50-0", history_size=5).recovered
 
 
 def test_fenced_forwarder_writes_and_emits_nothing(

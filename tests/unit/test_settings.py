@@ -4,7 +4,7 @@ import sys
 import pytest
 
 from tests.support import ROOT
-from tidings.settings import ConfigError, Settings
+from tidings.settings import ConfigError, Settings, parse_sentinel_url
 
 
 def test_defaults() -> None:
@@ -89,3 +89,67 @@ def test_every_entry_point_stops_with_one_line_naming_the_variable(command: list
     assert result.returncode != 0
     assert "TIDINGS_HISTORY_SIZE" in result.stderr
     assert "Traceback" not in result.stderr, result.stderr
+
+
+# -- Redis Sentinel ------------------------------------------------------------
+
+SENTINEL_URL = "redis+sentinel://:pw@s1.example:26379,s2.example:26380/2/tidings-main"
+
+
+def test_sentinel_url_is_accepted_and_parsed() -> None:
+    settings = Settings.from_env({"TIDINGS_REDIS_URL": SENTINEL_URL})
+    assert settings.redis_url == SENTINEL_URL
+    parsed = parse_sentinel_url(settings.redis_url)
+    assert parsed.sentinels == (("s1.example", 26379), ("s2.example", 26380))
+    assert (parsed.db, parsed.service) == (2, "tidings-main")
+    assert (parsed.username, parsed.password) == (None, "pw")
+    with_user = parse_sentinel_url("redis+sentinel://web:secret@h:1/0/m")
+    assert (with_user.username, with_user.password) == ("web", "secret")
+
+
+def test_sentinel_url_gives_a_kombu_sentinel_broker_and_its_master_name() -> None:
+    settings = Settings.from_env({"TIDINGS_REDIS_URL": SENTINEL_URL})
+    assert settings.broker_url == (
+        "sentinel://:pw@s1.example:26379/3;sentinel://s2.example:26380/3"
+    )
+    assert settings.sentinel_master == "tidings-main"
+
+
+def test_sentinel_broker_takes_its_master_name_from_the_setting() -> None:
+    env = {
+        "TIDINGS_BROKER_URL": "sentinel://a:26379/1;sentinel://b:26379/1",
+        "TIDINGS_SENTINEL_MASTER": "celery-master",
+    }
+    settings = Settings.from_env(env)
+    assert settings.broker_url == env["TIDINGS_BROKER_URL"]
+    assert settings.sentinel_master == "celery-master"
+    assert settings.redis_url == "redis://127.0.0.1:6379/0"
+
+
+@pytest.mark.parametrize(
+    ("variable", "env"),
+    [
+        ("TIDINGS_REDIS_URL", {"TIDINGS_REDIS_URL": "redis+sentinel://h:26379/0"}),
+        ("TIDINGS_REDIS_URL", {"TIDINGS_REDIS_URL": "redis+sentinel://h:26379"}),
+        ("TIDINGS_REDIS_URL", {"TIDINGS_REDIS_URL": "redis+sentinel://h:26379/0/"}),
+        ("TIDINGS_REDIS_URL", {"TIDINGS_REDIS_URL": "redis+sentinel://h/0/m"}),
+        ("TIDINGS_REDIS_URL", {"TIDINGS_REDIS_URL": "redis+sentinel://h:x/0/m"}),
+        ("TIDINGS_REDIS_URL", {"TIDINGS_REDIS_URL": "redis+sentinel://h:1,:2/0/m"}),
+        ("TIDINGS_REDIS_URL", {"TIDINGS_REDIS_URL": "redis+sentinel:///0/m"}),
+        ("TIDINGS_REDIS_URL", {"TIDINGS_REDIS_URL": "redis+sentinel://h:1/db/m"}),
+        ("TIDINGS_REDIS_URL", {"TIDINGS_REDIS_URL": "redis+sentinel://h:1/0/m/extra"}),
+        ("TIDINGS_REDIS_URL", {"TIDINGS_REDIS_URL": "redis+sentinel://h:99999/0/m"}),
+        ("TIDINGS_REDIS_URL", {"TIDINGS_REDIS_URL": "redis+sentinel://u:p%40ss@h:1/0/m"}),
+        ("TIDINGS_REDIS_URL", {"TIDINGS_REDIS_URL": "redis+sentinel://[::1]:1/0/m"}),
+        ("TIDINGS_BROKER_URL", {"TIDINGS_BROKER_URL": "sentinel://h:1;redis://h:2/0"}),
+        ("TIDINGS_BROKER_URL", {"TIDINGS_BROKER_URL": "sentinel://:1/0"}),
+        ("TIDINGS_BROKER_URL", {"TIDINGS_BROKER_URL": "sentinel://h:port/0"}),
+        ("TIDINGS_SENTINEL_MASTER", {"TIDINGS_BROKER_URL": "sentinel://h:26379/1"}),
+        ("TIDINGS_SENTINEL_MASTER", {"TIDINGS_SENTINEL_MASTER": "two words"}),
+    ],
+)
+def test_malformed_sentinel_settings_name_the_variable(variable: str, env: dict) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env(env)
+    assert caught.value.variable == variable
+    assert str(caught.value).startswith(variable + ":")

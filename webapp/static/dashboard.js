@@ -268,5 +268,166 @@
     location.reload();
   });
 
+  /* ---- operator view (GET /api/ops, behind the API key) ------------- */
+
+  var OPS_KEY = 'tidings.apiKey';
+  var OPS_EVERY_MS = 2000;
+  var ops = {
+    panel: $('ops'),
+    form: $('ops-form'),
+    key: $('ops-key'),
+    forget: $('ops-forget'),
+    status: $('ops-status'),
+    body: $('ops-body'),
+    lease: $('ops-lease'),
+    rate: $('ops-rate'),
+    ingest: $('ops-ingest'),
+    dropped: $('ops-dropped'),
+    workers: $('ops-workers'),
+    drops: $('ops-drops'),
+    noDrops: $('ops-no-drops'),
+  };
+  var opsTimer = null;
+  var opsRound = 0; // answers of an older round (a key since changed) are ignored
+
+  function readOpsKey() {
+    try { return sessionStorage.getItem(OPS_KEY) || ''; } catch (e) { return ''; }
+  }
+
+  function writeOpsKey(value) {
+    try {
+      if (value) sessionStorage.setItem(OPS_KEY, value);
+      else sessionStorage.removeItem(OPS_KEY);
+    } catch (e) { /* storage disabled: the key lasts for this page only */ }
+  }
+
+  var opsKey = readOpsKey();
+
+  function opsStatus(text, bad) {
+    ops.status.textContent = text;
+    ops.status.classList.toggle('error', !!bad);
+  }
+
+  function seconds(value) {
+    if (typeof value !== 'number') return '?';
+    if (value < 120) return value.toFixed(1) + ' s';
+    if (value < 7200) return Math.round(value / 60) + ' min';
+    return (value / 3600).toFixed(1) + ' h';
+  }
+
+  function sum(object) {
+    var total = 0;
+    Object.keys(object || {}).forEach(function (k) { total += Number(object[k]) || 0; });
+    return total;
+  }
+
+  function clear(node) {
+    while (node.firstChild) node.removeChild(node.firstChild);
+  }
+
+  function renderOps(view) {
+    var lease = view.lease || {};
+    ops.lease.textContent = lease.held
+      ? lease.host + ' pid ' + lease.pid + ', for ' + seconds(lease.age_s)
+      : 'none: nothing is forwarded';
+    ops.lease.classList.toggle('bad', !lease.held);
+    var listener = view.listener || {};
+    ops.rate.textContent = (Number(listener.rate) || 0).toFixed(1) + ' /s · ' +
+      sum(listener.forwarded) + ' forwarded · ' + (listener.restarts || 0) + ' restarts';
+    var ingest = view.ingest || {};
+    ops.ingest.textContent = 'lag ' + (ingest.lag === null || ingest.lag === undefined ? '?' : ingest.lag) +
+      ' · pending ' + (ingest.pending || 0) + ' · length ' + (ingest.length || 0);
+    ops.dropped.textContent = String(sum(listener.dropped));
+
+    clear(ops.workers);
+    (view.web || []).forEach(function (worker) {
+      var row = el('tr');
+      row.setAttribute('data-worker', worker.worker);
+      row.appendChild(el('td', 'worker', worker.worker));
+      row.appendChild(el('td', 'num', String(worker.clients)));
+      row.appendChild(el('td', 'num', String(worker.subscriptions)));
+      row.appendChild(el('td', 'num', String(worker.messages_sent)));
+      row.appendChild(el('td', worker.queue_ready ? 'ok' : 'bad', worker.queue_ready ? 'ok' : 'down'));
+      ops.workers.appendChild(row);
+    });
+
+    clear(ops.drops);
+    (view.recent_drops || []).slice(0, 10).forEach(function (drop) {
+      var item = el('li', 'drop');
+      item.appendChild(el('span', 'reason', String(drop.reason)));
+      item.appendChild(el('code', 'topic', String(drop.topic)));
+      item.appendChild(el('span', 'path', String(drop.path)));
+      item.appendChild(el('time', 'when', new Date(Number(drop.ts)).toLocaleTimeString()));
+      ops.drops.appendChild(item);
+    });
+    ops.noDrops.hidden = ops.drops.children.length > 0;
+    ops.body.hidden = false;
+    opsStatus('updated ' + new Date().toLocaleTimeString());
+  }
+
+  function stopOps() {
+    if (opsTimer !== null) clearTimeout(opsTimer);
+    opsTimer = null;
+  }
+
+  function pollOps() {
+    stopOps();
+    if (!opsKey) return;
+    var round = ++opsRound;
+    fetch('/api/ops', {
+      headers: { Authorization: 'Bearer ' + opsKey, Accept: 'application/json' },
+      credentials: 'same-origin',
+      cache: 'no-store',
+    }).then(function (response) {
+      if (round !== opsRound) return null;
+      if (response.status === 401) {
+        opsStatus('Wrong API key.', true);
+        ops.body.hidden = true;
+        return null; // no retry with a key that is known to be wrong
+      }
+      if (response.status === 403) {
+        opsStatus('The operator view is disabled: TIDINGS_API_KEY is not set.', true);
+        ops.body.hidden = true;
+        return null;
+      }
+      opsTimer = setTimeout(pollOps, OPS_EVERY_MS);
+      if (!response.ok) {
+        opsStatus(response.status === 503 ? 'Redis unavailable; retrying…' : 'HTTP ' + response.status, true);
+        return null;
+      }
+      return response.json().then(function (view) {
+        if (round === opsRound) renderOps(view);
+      });
+    }).catch(function () {
+      if (round !== opsRound) return;
+      opsStatus('Server unreachable; retrying…', true);
+      stopOps();
+      opsTimer = setTimeout(pollOps, OPS_EVERY_MS);
+    });
+  }
+
+  ops.form.addEventListener('submit', function (event) {
+    event.preventDefault();
+    opsKey = ops.key.value.trim();
+    writeOpsKey(opsKey);
+    ops.key.value = '';
+    if (opsKey) {
+      opsStatus('loading…');
+      pollOps();
+    }
+  });
+  ops.forget.addEventListener('click', function () {
+    opsKey = '';
+    opsRound++;
+    writeOpsKey('');
+    stopOps();
+    ops.body.hidden = true;
+    opsStatus('');
+  });
+  if (opsKey) {
+    ops.panel.open = true;
+    pollOps();
+  }
+
   refreshSubscriptionsHint();
 })();
