@@ -1,0 +1,196 @@
+"""`python -m bench [--quick] [--systems ...] [--workloads ...] [--out FILE]`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from bench import report, systems, workloads
+from bench.workloads import FULL, QUICK, Context, Measurement, Row
+from tests.support import ROOT
+
+WORKLOADS = ("burst", "sustained", "light", "many-topics", "connections")
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small sizes (under a minute)")
+    parser.add_argument("--systems", default=",".join(systems.ALL), help="comma-separated")
+    parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated")
+    parser.add_argument("--no-ingest", action="store_true", help="skip the durable burst row")
+    parser.add_argument(
+        "--out", type=Path, help="Markdown file (default bench/RESULTS.md, quick: none)"
+    )
+    parser.add_argument("--workdir", type=Path, help="logs and raw results")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KNOB=VALUE",
+        help="override a size, e.g. --set burst_reps=5",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    args = parse(sys.argv[1:] if argv is None else argv)
+    sizes = QUICK if args.quick else FULL
+    for item in args.set:
+        knob, _, value = item.partition("=")
+        current = getattr(sizes, knob)
+        sizes = dataclasses.replace(sizes, **{knob: type(current)(value)})
+    names = [n for n in args.systems.split(",") if n]
+    chosen = [w for w in args.workloads.split(",") if w]
+    for workload in chosen:
+        if workload not in WORKLOADS:
+            raise SystemExit(f"unknown workload {workload!r}; choose from {', '.join(WORKLOADS)}")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    workdir = args.workdir or ROOT / "bench" / "results" / stamp
+    workdir.mkdir(parents=True, exist_ok=True)
+    began = time.monotonic()
+
+    def log(message: str) -> None:
+        print(f"[{time.monotonic() - began:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+    systems.ensure_node_modules()
+    info = report.machine()
+    ctx = Context(sizes, workdir, log)
+    running = [systems.make(name, workdir) for name in names]
+    rows: list[Row] = []
+    try:
+        for system in running:
+            system.start()
+        for system in running:
+            system.wait_ready()
+        log("all systems ready: " + ", ".join(s.name for s in running))
+        rows = run_workloads(ctx, running, chosen, ingest=not args.no_ingest)
+    finally:
+        for system in running:
+            system.stop()
+    seconds = time.monotonic() - began
+    table = report.text_table(rows)
+    print(table)
+    for target, measured, verdict in report.targets(rows):
+        print(f"{verdict.strip('*'):>7}  {target}: {measured}")
+    (workdir / "results.json").write_text(
+        json.dumps({"machine": info, "rows": [r.as_dict() for r in rows]}, indent=1)
+    )
+    out = args.out or (None if args.quick else ROOT / "bench" / "RESULTS.md")
+    if out is not None:
+        out.write_text(
+            report.markdown(
+                rows,
+                sizes=sizes,
+                quick=args.quick,
+                descriptions={s.name: s.description for s in running},
+                info=info,
+                seconds=seconds,
+                load_after=" ".join(f"{x:.2f}" for x in os.getloadavg()),
+            )
+        )
+        log(f"wrote {out}")
+    log(f"done in {seconds:.0f}s; logs and raw results in {workdir}")
+    return rows
+
+
+def _interleaved(
+    ctx: Context,
+    workload: str,
+    variants: list[tuple[systems.System, bool]],
+    once: Callable[..., tuple[Measurement, float]],
+    reps: int,
+    clients: int,
+) -> list[Row]:
+    """Run `once` `reps` times on every variant, rotating the order each time.
+
+    Interleaving lets a noisy moment of the shared machine hit every system
+    alike; a failed run is recorded in its row, and the others go on.
+    """
+    runs: dict[str, list[Measurement]] = {}
+    connects: dict[str, list[float]] = {}
+    failures: dict[str, list[str]] = {}
+    names = []
+    for system, durable in variants:
+        name = system.name + (" (ingest)" if durable else "")
+        names.append(name)
+        runs[name], connects[name], failures[name] = [], [], []
+    for rep in range(reps):
+        shift = rep % len(variants)
+        for system, durable in variants[shift:] + variants[:shift]:
+            name = system.name + (" (ingest)" if durable else "")
+            ctx.log(f"{workload} run {rep + 1}/{reps}: {name}")
+            try:
+                run, connect = once(ctx, system, durable=True) if durable else once(ctx, system)
+            except Exception as exc:
+                ctx.log(f"  failed: {exc}")
+                failures[name].append(str(exc)[:300])
+                continue
+            runs[name].append(run)
+            connects[name].append(connect)
+    rows = []
+    for name in names:
+        if runs[name]:
+            row = workloads.aggregate(workload, name, clients, runs[name], max(connects[name]))
+        else:
+            row = Row(workload=workload, system=name, clients=clients)
+        row.notes += [f"failed run: {failure}" for failure in failures[name]]
+        rows.append(row)
+    return rows
+
+
+def run_workloads(
+    ctx: Context, running: list[systems.System], chosen: list[str], *, ingest: bool
+) -> list[Row]:
+    """Run the chosen workloads on every system, each workload on all systems in turn."""
+    sizes = ctx.sizes
+    plain = [(s, False) for s in running]
+    rows: list[Row] = []
+    if "burst" in chosen:
+        variants = plain + ([(s, True) for s in running if s.durable][:1] if ingest else [])
+        rows += _interleaved(
+            ctx, "burst", variants, workloads.burst_once, sizes.burst_reps, sizes.burst_clients
+        )
+    if "sustained" in chosen:
+        rows += _interleaved(
+            ctx,
+            "sustained",
+            plain,
+            workloads.sustained_once,
+            sizes.sustained_reps,
+            sizes.sustained_clients,
+        )
+    if "light" in chosen:
+        rows += _interleaved(
+            ctx, "light", plain, workloads.light_once, sizes.light_reps, sizes.light_clients
+        )
+    if "many-topics" in chosen:
+        many = _interleaved(
+            ctx,
+            "many-topics",
+            plain,
+            workloads.many_topics_once,
+            sizes.many_reps,
+            sizes.many_clients,
+        )
+        for row in many:
+            row.notes.insert(
+                0,
+                f"{sizes.many_shared_rate:g}/s shared + {sizes.many_own_rate:g}/s "
+                f"over {sizes.many_clients} own topics",
+            )
+        rows += many
+    if "connections" in chosen:
+        # Against one web worker: tidings-2w is left out.
+        single = [s for s in running if s.name != "tidings-2w"]
+        rows += workloads.connections(ctx, single)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,479 @@
+// One load-generator process of the Tidings benchmark: N Socket.IO clients
+// speaking Engine.IO v4 / Socket.IO v5 over websocket, framed by hand on plain
+// TCP sockets (no socket.io-client, not even `ws`: frames are parsed in one
+// loop over each received chunk, which costs several times less per message,
+// so the generator is not what limits the servers).
+//
+//   node loadgen.js '{"url": "http://127.0.0.1:8000", "count": 100, "first": 0,
+//                     "topics": ["public.bench"], "own_prefix": null}'
+//
+// Every client connects with transport=websocket, joins the default
+// namespace, emits `subscribe` {topic} for each of its topics and waits for
+// each ack {ok: true}. It then counts every `publications` event: each
+// publication's data is {"t": <publish time, epoch ms>, "n": <sequence number
+// in its topic>}, so the receiver computes the latency and counts what it got
+// once, twice, or not at all.
+//
+// The harness drives the process with one JSON command per stdin line and
+// reads one JSON event per stdout line:
+//   (start)                  -> {"event": "ready", "connect_ms", "failed", ...}
+//   {"cmd": "stat"}          -> {"event": "stat", "received", "last_ms", "open", ...}
+//   {"cmd": "reset"}         -> {"event": "reset"}   (forget what was received)
+//   {"cmd": "report", "expected": {topic: N}, "latfile": path}
+//                            -> {"event": "report", "delivered", "lost", ...}
+//                               and the latencies (float64 ms) written to latfile
+//   {"cmd": "close"}         -> {"event": "closed"}, then the process exits
+"use strict";
+
+const fs = require("fs");
+const readline = require("readline");
+const { performance } = require("perf_hooks");
+const crypto = require("crypto");
+const net = require("net");
+
+const config = JSON.parse(process.argv[2]);
+const count = config.count;
+const first = config.first || 0;
+const shared = config.topics || [];
+const ownPrefix = config.own_prefix || null;
+const inFlight = config.concurrency || 100;
+// A source address of its own per system lets several systems hold 10,000
+// connections each without running out of ephemeral ports.
+const localAddress = config.local_address || undefined;
+const base = new URL(config.url);
+const target = {
+  hostname: base.hostname,
+  port: Number(base.port || 80),
+  host: base.host,
+  path: "/socket.io/?EIO=4&transport=websocket",
+};
+
+const origin = performance.timeOrigin;
+const now = () => origin + performance.now();
+
+function out(event) {
+  process.stdout.write(JSON.stringify(event) + "\n");
+}
+
+// -- what was received -------------------------------------------------------
+
+let latencies = new Float64Array(1 << 16);
+let nLatencies = 0;
+let received = 0; // publications, all clients
+let events = 0; // `publications` events (frames), all clients
+let firstMs = 0;
+let lastMs = 0;
+let stray = 0; // publications with no usable {t, n}
+let subscribeRetries = 0; // subscribes answered "unavailable" and sent again
+let lastEventText = "";
+let lastEventMessage = null;
+
+// With config.trace, the sequence number of each latency too (latfile + ".n").
+const trace = Boolean(config.trace);
+let sequence = new Float64Array(trace ? 1 << 16 : 0);
+
+function recordLatency(value, n) {
+  if (nLatencies === latencies.length) {
+    const bigger = new Float64Array(latencies.length * 2);
+    bigger.set(latencies);
+    latencies = bigger;
+    if (trace) {
+      const more = new Float64Array(latencies.length);
+      more.set(sequence);
+      sequence = more;
+    }
+  }
+  if (trace) sequence[nLatencies] = n;
+  latencies[nLatencies++] = value;
+}
+
+// -- the clients -------------------------------------------------------------
+
+const clients = [];
+let ready = 0;
+let failed = 0;
+let open = 0;
+let unexpectedCloses = 0;
+const errors = [];
+let closing = false;
+let readyReported = false;
+const startedMs = now();
+
+function noteError(message) {
+  if (errors.length < 5) errors.push(message);
+}
+
+class Client {
+  constructor(index) {
+    this.index = index;
+    this.topics = ownPrefix ? [...shared, ownPrefix + index] : [...shared];
+    this.seen = new Map(); // topic -> array of counts by n
+    this.pendingAcks = 0;
+    this.state = "connecting";
+    this.sock = null;
+    this.opened = false;
+    this.pending = null;
+    this.fragments = null;
+    this.retries = 0;
+  }
+
+  start() {
+    const sock = net.connect({ host: target.hostname, port: target.port, localAddress });
+    this.sock = sock;
+    sock.setNoDelay(true);
+    sock.on("connect", () => {
+      const key = crypto.randomBytes(16).toString("base64");
+      sock.write(
+        `GET ${target.path} HTTP/1.1\r\nHost: ${target.host}\r\nUpgrade: websocket\r\n` +
+          `Connection: Upgrade\r\nSec-WebSocket-Key: ${key}\r\n` +
+          "Sec-WebSocket-Version: 13\r\n\r\n",
+      );
+    });
+    sock.on("data", (chunk) => this.onData(chunk));
+    sock.on("error", (err) => {
+      noteError(`client ${this.index}: ${err.message}`);
+      this.fail();
+    });
+    sock.on("close", () => {
+      if (this.opened) open--;
+      this.opened = false;
+      if (!closing) {
+        if (this.state === "ready") unexpectedCloses++;
+        this.fail();
+      }
+      this.state = "closed";
+    });
+  }
+
+  fail() {
+    if (this.state === "connecting" || this.state === "subscribing") {
+      this.state = "failed";
+      failed++;
+      settle();
+    }
+    if (this.sock && !closing) this.sock.destroy();
+  }
+
+  // -- a minimal websocket client: frames parsed straight off the TCP stream --
+
+  onData(chunk) {
+    let buf = this.pending === null ? chunk : Buffer.concat([this.pending, chunk]);
+    this.pending = null;
+    let pos = 0;
+    if (!this.opened) {
+      const end = buf.indexOf("\r\n\r\n");
+      if (end < 0) {
+        this.pending = buf;
+        return;
+      }
+      if (buf.toString("latin1", 0, 12) !== "HTTP/1.1 101") {
+        noteError(`client ${this.index}: upgrade refused: ${buf.toString("latin1", 0, 60)}`);
+        this.fail();
+        return;
+      }
+      this.opened = true;
+      open++;
+      pos = end + 4;
+    }
+    const length = buf.length;
+    while (pos + 2 <= length) {
+      const b0 = buf[pos];
+      const b1 = buf[pos + 1];
+      let size = b1 & 0x7f;
+      let head = 2;
+      if (size === 126) {
+        if (pos + 4 > length) break;
+        size = buf.readUInt16BE(pos + 2);
+        head = 4;
+      } else if (size === 127) {
+        if (pos + 10 > length) break;
+        size = buf.readUInt32BE(pos + 2) * 4294967296 + buf.readUInt32BE(pos + 6);
+        head = 10;
+      }
+      if (b1 & 0x80) head += 4; // servers never mask; tolerate it anyway
+      if (pos + head + size > length) break;
+      const start = pos + head;
+      pos = start + size;
+      const opcode = b0 & 0x0f;
+      const fin = (b0 & 0x80) !== 0;
+      if (opcode === 1 || (opcode === 0 && this.fragments !== null)) {
+        if (!fin || this.fragments !== null) {
+          (this.fragments ??= []).push(buf.subarray(start, pos));
+          if (fin) {
+            const whole = Buffer.concat(this.fragments);
+            this.fragments = null;
+            this.onFrame(whole.toString("utf8"));
+          }
+        } else {
+          this.onFrame(buf.toString("utf8", start, pos));
+        }
+      } else if (opcode === 9) {
+        this.sendFrame(0x8a, buf.subarray(start, pos));
+      } else if (opcode === 8) {
+        this.sock.end();
+      }
+    }
+    if (pos < length) this.pending = buf.subarray(pos);
+  }
+
+  sendFrame(first, payload) {
+    const size = payload.length;
+    const head = size < 126 ? 6 : 8;
+    const frame = Buffer.allocUnsafe(head + size);
+    frame[0] = first;
+    if (size < 126) {
+      frame[1] = 0x80 | size;
+    } else {
+      frame[1] = 0x80 | 126;
+      frame.writeUInt16BE(size, 2);
+    }
+    // A zero masking key: the frame is masked as the protocol requires, and
+    // the payload needs no XOR.
+    frame.writeUInt32BE(0, head - 4);
+    payload.copy(frame, head);
+    this.sock.write(frame);
+  }
+
+  send(text) {
+    if (this.opened && !this.sock.destroyed) this.sendFrame(0x81, Buffer.from(text));
+  }
+
+  onFrame(text) {
+    const type = text.charCodeAt(0);
+    if (type === 52 /* 4: message */) {
+      const sub = text.charCodeAt(1);
+      if (sub === 50 /* 2: event */) {
+        this.onEvent(text);
+      } else if (sub === 51 /* 3: ack */) {
+        this.onAck(text);
+      } else if (sub === 48 /* 0: namespace connected */) {
+        this.subscribe();
+      } else if (sub === 52 /* 4: connect error */) {
+        noteError(`client ${this.index}: connect_error ${text.slice(2)}`);
+        this.fail();
+      }
+    } else if (type === 50 /* 2: ping */) {
+      this.send("3");
+    } else if (type === 48 /* 0: open */) {
+      this.send("40");
+    }
+  }
+
+  subscribe() {
+    this.state = "subscribing";
+    this.pendingAcks = this.topics.length;
+    this.topics.forEach((_, i) => this.sendSubscribe(i + 1));
+    if (this.pendingAcks === 0) this.becomeReady();
+  }
+
+  sendSubscribe(id) {
+    const topic = this.topics[id - 1];
+    this.send(`42${id}${JSON.stringify(["subscribe", { topic }])}`);
+  }
+
+  onAck(text) {
+    let i = 2;
+    while (i < text.length && text.charCodeAt(i) >= 48 && text.charCodeAt(i) <= 57) i++;
+    const id = Number(text.slice(2, i));
+    let answer;
+    try {
+      answer = JSON.parse(text.slice(i))[0];
+    } catch {
+      answer = null;
+    }
+    if (answer && answer.ok === false && answer.error === "unavailable" && this.retries < 100) {
+      // The contract's "try again": Redis could not be read at that moment.
+      this.retries++;
+      subscribeRetries++;
+      setTimeout(() => this.sendSubscribe(id), 20 + Math.random() * 80);
+      return;
+    }
+    if (!answer || answer.ok !== true) {
+      noteError(`client ${this.index}: subscribe refused ${text.slice(i, i + 200)}`);
+      this.fail();
+      return;
+    }
+    if (--this.pendingAcks === 0 && this.state === "subscribing") this.becomeReady();
+  }
+
+  becomeReady() {
+    this.state = "ready";
+    ready++;
+    settle();
+  }
+
+  onEvent(text) {
+    // The clients of one process mostly receive the same frames one after the
+    // other: an identical text (compared in full) is parsed once. Each client
+    // still counts and times every publication of it as its own.
+    let message;
+    if (text === lastEventText) {
+      message = lastEventMessage;
+    } else {
+      try {
+        message = JSON.parse(text.slice(2));
+      } catch {
+        stray++;
+        return;
+      }
+      lastEventText = text;
+      lastEventMessage = message;
+    }
+    if (message[0] !== "publications" || !Array.isArray(message[1])) return;
+    const at = now();
+    events++;
+    if (firstMs === 0) firstMs = at;
+    lastMs = at;
+    for (const pub of message[1]) {
+      const data = pub && pub.data;
+      if (!data || typeof data.n !== "number" || typeof data.t !== "number") {
+        stray++;
+        continue;
+      }
+      received++;
+      recordLatency(at - data.t, data.n);
+      let counts = this.seen.get(pub.topic);
+      if (counts === undefined) {
+        counts = [];
+        this.seen.set(pub.topic, counts);
+      }
+      counts[data.n] = (counts[data.n] || 0) + 1;
+    }
+  }
+}
+
+function settle() {
+  if (!readyReported && ready + failed === count) {
+    readyReported = true;
+    out({
+      event: "ready",
+      connect_ms: now() - startedMs,
+      started_ms: startedMs,
+      ready,
+      failed,
+      subscribe_retries: subscribeRetries,
+      errors,
+    });
+  }
+  launch();
+}
+
+let launched = 0;
+function launch() {
+  // At most `inFlight` clients between their first byte and their last ack.
+  while (launched < count && launched - ready - failed < inFlight) {
+    const client = new Client(first + launched);
+    clients.push(client);
+    launched++;
+    client.start();
+  }
+}
+
+// -- commands ----------------------------------------------------------------
+
+function report(expected, latfile) {
+  let delivered = 0;
+  let distinct = 0;
+  let duplicated = 0;
+  let lost = 0;
+  let clientsWithLoss = 0;
+  let unexpected = 0;
+  for (const client of clients) {
+    let clientLost = 0;
+    for (const topic of client.topics) {
+      const n = expected[topic] || 0;
+      const counts = client.seen.get(topic) || [];
+      let got = 0;
+      for (let k = 0; k < counts.length; k++) {
+        const c = counts[k];
+        if (c === undefined) continue;
+        delivered += c;
+        if (k < n) {
+          got++;
+          duplicated += c - 1;
+        } else {
+          unexpected += c;
+        }
+      }
+      distinct += got;
+      clientLost += n - got;
+    }
+    for (const [topic, counts] of client.seen) {
+      if (!client.topics.includes(topic)) {
+        for (const c of counts) if (c !== undefined) unexpected += c;
+      }
+    }
+    lost += clientLost;
+    if (clientLost > 0) clientsWithLoss++;
+  }
+  if (latfile) {
+    fs.writeFileSync(latfile, Buffer.from(latencies.buffer, 0, nLatencies * 8));
+    if (trace) fs.writeFileSync(latfile + ".n", Buffer.from(sequence.buffer, 0, nLatencies * 8));
+  }
+  out({
+    event: "report",
+    clients: clients.length,
+    ready,
+    failed,
+    delivered,
+    distinct,
+    duplicated,
+    lost,
+    clients_with_loss: clientsWithLoss,
+    unexpected,
+    stray,
+    events,
+    first_ms: firstMs,
+    last_ms: lastMs,
+    latencies: nLatencies,
+    unexpected_closes: unexpectedCloses,
+    errors,
+  });
+}
+
+const input = readline.createInterface({ input: process.stdin });
+input.on("line", (line) => {
+  if (!line.trim()) return;
+  const command = JSON.parse(line);
+  switch (command.cmd) {
+    case "stat":
+      out({
+        event: "stat",
+        received,
+        events,
+        last_ms: lastMs,
+        open,
+        ready,
+        failed,
+        unexpected_closes: unexpectedCloses,
+      });
+      break;
+    case "reset":
+      for (const client of clients) client.seen.clear();
+      nLatencies = 0;
+      received = 0;
+      events = 0;
+      firstMs = 0;
+      lastMs = 0;
+      stray = 0;
+      out({ event: "reset" });
+      break;
+    case "report":
+      report(command.expected || {}, command.latfile);
+      break;
+    case "close":
+      closing = true;
+      for (const client of clients) {
+        if (client.sock) client.sock.destroy();
+      }
+      out({ event: "closed" });
+      setTimeout(() => process.exit(0), 10);
+      break;
+    default:
+      out({ event: "error", message: `unknown command ${command.cmd}` });
+  }
+});
+input.on("close", () => process.exit(0));
+
+if (count === 0) settle();
+else launch();

@@ -1,0 +1,491 @@
+"""The five workloads of issue 7, each measured the same way on every system.
+
+A measurement: the clients connect and subscribe (timed), one probe
+publication per shared topic proves the path end to end and warms it up, then
+the server processes' CPU time is read, the publications go out, the harness
+waits until every expected delivery arrived (or none arrived for a while),
+and CPU is read again. Resident memory is sampled every 100 ms meanwhile.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.load import Delivery, Generators, Publisher, now_ms
+from bench.measure import PeakSampler, cpu_seconds, rss_bytes
+from bench.systems import System
+
+MB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Every knob of the workloads; FULL is issue 7's, QUICK a smoke-sized copy."""
+
+    burst_clients: int = 100
+    burst_publications: int = 2000
+    burst_reps: int = 3
+    sustained_clients: int = 1000
+    sustained_rate: float = 20
+    sustained_seconds: float = 30
+    sustained_reps: int = 1
+    light_clients: int = 100
+    light_rate: float = 200
+    light_seconds: float = 8
+    light_reps: int = 3
+    many_clients: int = 1000
+    many_shared_rate: float = 10  # publications/s on the shared topic (to every client)
+    many_own_rate: float = 1000  # publications/s over the own topics (round robin)
+    many_seconds: float = 10
+    many_reps: int = 1
+    connections: int = 10000
+    connections_hold: float = 60
+    connections_processes: int = 4
+    generator_processes: int = 2
+    settle: float = 5.0  # seconds without a delivery before the rest counts as lost
+
+
+FULL = Sizes()
+QUICK = Sizes(
+    burst_clients=20,
+    burst_publications=200,
+    burst_reps=1,
+    sustained_clients=100,
+    sustained_seconds=2,
+    light_clients=20,
+    light_seconds=1.5,
+    light_reps=1,
+    many_clients=100,
+    many_own_rate=100,
+    many_seconds=1.5,
+    connections=500,
+    connections_hold=1,
+    connections_processes=2,
+    settle=2.0,
+)
+
+
+@dataclass
+class Row:
+    """One line of the results table."""
+
+    workload: str
+    system: str
+    clients: int
+    publications: int = 0
+    expected: int = 0
+    delivered: int = 0
+    lost: int = 0
+    duplicated: int = 0
+    deliveries_per_s: float | None = None
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    max_ms: float | None = None
+    peak_rss_mb: float | None = None
+    cpu_us_per_delivery: float | None = None
+    generator_us_per_delivery: float | None = None
+    connect_s: float | None = None
+    kb_per_connection: float | None = None
+    notes: list[str] = field(default_factory=list)
+    runs: list[dict[str, Any]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Measurement:
+    """One measured run of publications against connected clients."""
+
+    delivery: Delivery
+    expected: int
+    publications: int
+    seconds: float
+    server_cpu: float
+    generator_cpu: float
+    peak_rss: int
+    subscribe_retries: int = 0
+
+    @property
+    def deliveries_per_s(self) -> float:
+        return self.delivery.delivered / self.seconds if self.seconds > 0 else 0.0
+
+    def per_delivery_us(self, cpu: float) -> float | None:
+        return cpu / self.delivery.delivered * 1e6 if self.delivery.delivered else None
+
+    def summary(self) -> dict[str, Any]:
+        d = self.delivery
+        return {
+            "delivered": d.delivered,
+            "expected": self.expected,
+            "lost": d.lost,
+            "duplicated": d.duplicated,
+            "deliveries_per_s": round(self.deliveries_per_s),
+            "p50_ms": d.percentile(0.50),
+            "p99_ms": d.percentile(0.99),
+            "max_ms": max(d.latencies) if d.latencies else None,
+            "cpu_us_per_delivery": self.per_delivery_us(self.server_cpu),
+            "generator_us_per_delivery": self.per_delivery_us(self.generator_cpu),
+            "events": d.events,
+            "seconds": round(self.seconds, 3),
+            "generator_cores": round(self.generator_cpu / self.seconds, 2)
+            if self.seconds
+            else None,
+            "server_cores": round(self.server_cpu / self.seconds, 2) if self.seconds else None,
+            "unexpected_closes": d.unexpected_closes,
+            "unexpected": d.unexpected,
+        }
+
+
+class Context:
+    """What every workload needs besides the system: sizes, a scratch folder."""
+
+    def __init__(self, sizes: Sizes, workdir: Path, log: Callable[[str], None]) -> None:
+        self.sizes = sizes
+        self.workdir = workdir
+        self.log = log
+
+
+def _connect(
+    ctx: Context,
+    system: System,
+    clients: int,
+    topics: list[str],
+    own_prefix: str | None = None,
+    processes: int | None = None,
+    name: str = "gen",
+    local_address: str | None = None,
+) -> tuple[Generators, float]:
+    gens = Generators(
+        system.url,
+        clients,
+        processes=processes or ctx.sizes.generator_processes,
+        topics=topics,
+        own_prefix=own_prefix,
+        local_address=local_address,
+        workdir=ctx.workdir / system.name / name,
+    )
+    try:
+        seconds, failed, errors = gens.wait_ready()
+    except Exception:
+        gens.close()
+        raise
+    if failed:
+        gens.close()
+        raise RuntimeError(f"{system.name}: {failed} of {clients} clients failed: {errors[:3]}")
+    return gens, seconds
+
+
+def _probe(ctx: Context, gens: Generators, publisher: Publisher, topics: list[str]) -> None:
+    """One publication per shared topic must reach every client before measuring."""
+    publisher.send(topics)
+    want = gens.clients * len(topics)
+    got = gens.wait_received(want, idle=ctx.sizes.settle, deadline=time.monotonic() + 30)
+    if got < want:
+        raise RuntimeError(f"probe: {got} of {want} deliveries arrived")
+    gens.reset()
+    publisher.restart()
+
+
+def _measure(
+    ctx: Context,
+    system: System,
+    gens: Generators,
+    publisher: Publisher,
+    publish: Callable[[], None],
+    expected_total: Callable[[dict[str, int]], int],
+) -> Measurement:
+    pids = system.server_pids()
+    cpu_before = cpu_seconds(pids)
+    generator_before = gens.cpu()
+    with PeakSampler(lambda: rss_bytes(pids)) as sampler:
+        start = now_ms()
+        publish()
+        expected = expected_total(publisher.expected())
+        gens.wait_received(
+            expected, idle=ctx.sizes.settle, deadline=time.monotonic() + 120 + ctx.sizes.settle
+        )
+        server_cpu = cpu_seconds(pids) - cpu_before
+        generator_cpu = gens.cpu() - generator_before
+    delivery = gens.report(publisher.expected())
+    seconds = (delivery.last_ms - start) / 1000 if delivery.last_ms else 0.0
+    return Measurement(
+        delivery=delivery,
+        expected=expected,
+        publications=sum(publisher.expected().values()),
+        seconds=seconds,
+        server_cpu=server_cpu,
+        generator_cpu=generator_cpu,
+        peak_rss=sampler.peak,
+        subscribe_retries=gens.subscribe_retries,
+    )
+
+
+def aggregate(
+    workload: str, system: str, clients: int, runs: list[Measurement], connect: float
+) -> Row:
+    """Aggregate runs: sums of counts, medians of rates, latencies and CPU, max of max."""
+
+    def median(values: list[float | None]) -> float | None:
+        present = [v for v in values if v is not None]
+        return statistics.median(present) if present else None
+
+    summaries = [m.summary() for m in runs]
+    row = Row(
+        workload=workload,
+        system=system,
+        clients=clients,
+        publications=sum(m.publications for m in runs),
+        expected=sum(m.expected for m in runs),
+        delivered=sum(m.delivery.delivered for m in runs),
+        lost=sum(m.delivery.lost for m in runs),
+        duplicated=sum(m.delivery.duplicated for m in runs),
+        deliveries_per_s=median([m.deliveries_per_s for m in runs]),
+        p50_ms=median([s["p50_ms"] for s in summaries]),
+        p99_ms=median([s["p99_ms"] for s in summaries]),
+        max_ms=max((s["max_ms"] for s in summaries if s["max_ms"] is not None), default=None),
+        peak_rss_mb=max(m.peak_rss for m in runs) / MB,
+        cpu_us_per_delivery=median([s["cpu_us_per_delivery"] for s in summaries]),
+        generator_us_per_delivery=median([s["generator_us_per_delivery"] for s in summaries]),
+        connect_s=connect,
+        runs=summaries,
+    )
+    closes = sum(m.delivery.unexpected_closes for m in runs)
+    if closes:
+        row.notes.append(f"{closes} connections dropped by the server")
+    retries = sum(m.subscribe_retries for m in runs)
+    if retries:
+        row.notes.append(f"{retries} subscribes answered `unavailable` (retried)")
+    unexpected = sum(m.delivery.unexpected for m in runs)
+    if unexpected:
+        row.notes.append(f"{unexpected} unexpected publications")
+    if len(runs) > 1:
+        rates = ", ".join(f"{m.deliveries_per_s / 1000:.0f}k" for m in runs)
+        p99s = ", ".join(f"{s['p99_ms']:.1f}" for s in summaries if s["p99_ms"] is not None)
+        row.notes.append(f"median of {len(runs)} runs ({rates} deliveries/s; p99 {p99s} ms)")
+    cores = [s["generator_cores"] for s in summaries if s["generator_cores"] is not None]
+    busy = [s["server_cores"] for s in summaries if s["server_cores"] is not None]
+    if cores and busy:
+        row.notes.append(
+            f"servers busy {statistics.median(busy):.2f} cores, "
+            f"generator {statistics.median(cores):.2f}"
+        )
+    return row
+
+
+# -- 1. burst ------------------------------------------------------------------------
+
+
+def burst_once(ctx: Context, system: System, *, durable: bool = False) -> tuple[Measurement, float]:
+    """100 clients on one topic, 2,000 publications as fast as the publisher pipelines them."""
+    sizes = ctx.sizes
+    topic = "public.bench.burst"
+    publisher = Publisher(system.redis_url, durable=durable)
+    gens, connect = _connect(ctx, system, sizes.burst_clients, [topic], name="burst")
+    prober = Publisher(system.redis_url)
+    try:
+        _probe(ctx, gens, prober, [topic])
+        run = _measure(
+            ctx,
+            system,
+            gens,
+            publisher,
+            lambda: publisher.burst(topic, sizes.burst_publications),
+            lambda expected: sizes.burst_clients * expected.get(topic, 0),
+        )
+    finally:
+        gens.close()
+        publisher.close()
+        prober.close()
+    return run, connect
+
+
+# -- 2. sustained, 3. light --------------------------------------------------------------
+
+
+def paced_one_topic(
+    ctx: Context, system: System, workload: str, clients: int, rate: float, seconds: float
+) -> tuple[Measurement, float]:
+    """`clients` on one topic, `rate` publications per second for `seconds`."""
+    topic = f"public.bench.{workload}"
+    publisher = Publisher(system.redis_url)
+    gens, connect = _connect(ctx, system, clients, [topic], name=workload)
+    try:
+        _probe(ctx, gens, publisher, [topic])
+        run = _measure(
+            ctx,
+            system,
+            gens,
+            publisher,
+            lambda: publisher.paced([(rate, lambda _: topic)], seconds),
+            lambda expected: clients * expected.get(topic, 0),
+        )
+    finally:
+        gens.close()
+        publisher.close()
+    return run, connect
+
+
+def sustained_once(ctx: Context, system: System) -> tuple[Measurement, float]:
+    """1,000 clients on one topic, 20 publications per second for 30 s."""
+    s = ctx.sizes
+    return paced_one_topic(
+        ctx, system, "sustained", s.sustained_clients, s.sustained_rate, s.sustained_seconds
+    )
+
+
+def light_once(ctx: Context, system: System) -> tuple[Measurement, float]:
+    """100 clients on one topic, 200 publications per second: latency."""
+    s = ctx.sizes
+    return paced_one_topic(ctx, system, "light", s.light_clients, s.light_rate, s.light_seconds)
+
+
+# -- 4. many topics --------------------------------------------------------------------------
+
+
+def many_topics_once(ctx: Context, system: System) -> tuple[Measurement, float]:
+    """Every client on a topic of its own plus one shared topic; both get traffic."""
+    s = ctx.sizes
+    shared = "public.bench.shared"
+    prefix = "public.bench.own."
+    publisher = Publisher(system.redis_url)
+    gens, connect = _connect(ctx, system, s.many_clients, [shared], own_prefix=prefix, name="many")
+    try:
+        _probe(ctx, gens, publisher, [shared])
+        streams = [
+            (s.many_shared_rate, lambda _: shared),
+            (s.many_own_rate, lambda k: f"{prefix}{k % s.many_clients}"),
+        ]
+
+        def expected_total(expected: dict[str, int]) -> int:
+            own = sum(n for topic, n in expected.items() if topic.startswith(prefix))
+            return s.many_clients * expected.get(shared, 0) + own
+
+        run = _measure(
+            ctx,
+            system,
+            gens,
+            publisher,
+            lambda: publisher.paced(streams, s.many_seconds),
+            expected_total,
+        )
+    finally:
+        gens.close()
+        publisher.close()
+    return run, connect
+
+
+# -- 5. connections ---------------------------------------------------------------------------
+
+
+class HeldConnections:
+    """Idle clients held on one system: connect them (timed), keep them, check them."""
+
+    def __init__(self, ctx: Context, system: System, local_address: str) -> None:
+        self.ctx = ctx
+        self.local_address = local_address
+        self.system = system
+        self.topic = "public.bench.idle"
+        self.baseline = system.web_rss()
+        self.cpu_before = 0.0
+        self.sampler = PeakSampler(system.web_rss, interval=0.5).__enter__()
+        self.total_sampler = PeakSampler(lambda: rss_bytes(system.server_pids()), 0.5).__enter__()
+        self.gens: Generators | None = None
+        self.connect_s: float | None = None
+        self.connect_cpu = 0.0
+        self.held_since = 0.0
+        self.error: str | None = None
+
+    def connect(self) -> None:
+        """Connect and subscribe every client; time it."""
+        sizes = self.ctx.sizes
+        self.baseline = self.system.web_rss()
+        self.cpu_before = cpu_seconds(self.system.server_pids())
+        try:
+            self.gens, self.connect_s = _connect(
+                self.ctx,
+                self.system,
+                sizes.connections,
+                [self.topic],
+                processes=sizes.connections_processes,
+                name="connections",
+                local_address=self.local_address,
+            )
+        except Exception as exc:
+            self.error = str(exc)[:300]
+        self.connect_cpu = cpu_seconds(self.system.server_pids()) - self.cpu_before
+        self.held_since = time.monotonic()
+
+    def finish(self) -> Row:
+        """Check that every client is still there and gets a publication; close them."""
+        self.sampler.__exit__()
+        self.total_sampler.__exit__()
+        sizes = self.ctx.sizes
+        row = Row(workload="connections", system=self.system.name, clients=sizes.connections)
+        row.connect_s = self.connect_s
+        row.peak_rss_mb = self.total_sampler.peak / MB
+        if self.gens is None:
+            row.notes.append(f"failed: {self.error}")
+            row.lost = sizes.connections
+            return row
+        publisher = Publisher(self.system.redis_url)
+        try:
+            still_open = int(self.gens.stat()["open"])
+            held = time.monotonic() - self.held_since
+            publisher.send([self.topic])
+            self.gens.wait_received(
+                sizes.connections, idle=sizes.settle, deadline=time.monotonic() + 60
+            )
+            delivery = self.gens.report(publisher.expected())
+        finally:
+            self.gens.close()
+            publisher.close()
+        row.publications = 1
+        row.expected = sizes.connections
+        row.delivered = delivery.delivered
+        row.lost = delivery.lost
+        row.duplicated = delivery.duplicated
+        row.p50_ms = delivery.percentile(0.5)
+        row.p99_ms = delivery.percentile(0.99)
+        row.max_ms = max(delivery.latencies) if delivery.latencies else None
+        row.kb_per_connection = (self.sampler.peak - self.baseline) / sizes.connections / 1024
+        row.notes.append(
+            f"held {held:.0f}s, {still_open} open at the end; "
+            f"server CPU {self.connect_cpu / sizes.connections * 1e3:.2f} ms/connection; "
+            f"web process RSS {self.baseline / MB:.0f} -> {self.sampler.peak / MB:.0f} MB"
+        )
+        if delivery.unexpected_closes:
+            row.notes.append(f"{delivery.unexpected_closes} connections dropped by the server")
+        if self.gens.subscribe_retries:
+            row.notes.append(
+                f"{self.gens.subscribe_retries} subscribes answered `unavailable` (retried)"
+            )
+        return row
+
+
+def connections(ctx: Context, systems: list[System]) -> list[Row]:
+    """10,000 idle clients on one web worker of each system, held together for 60 s.
+
+    The systems are connected one after the other (each connect is timed
+    alone) and then held side by side, so the hold costs 60 s once.
+    """
+    held = [
+        HeldConnections(ctx, system, f"127.0.0.{10 + index}")
+        for index, system in enumerate(systems)
+    ]
+    for item in held:
+        ctx.log(f"  connections: connecting {ctx.sizes.connections} clients to {item.system.name}")
+        item.connect()
+        ctx.log(f"    {item.system.name}: connected in {item.connect_s or 0:.1f}s")
+    rows = []
+    for item in held:
+        wait = item.held_since + ctx.sizes.connections_hold - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+        rows.append(item.finish())
+    return rows
