@@ -39,6 +39,8 @@ log = logging.getLogger("tidings.connection")
 # A Redis that does not answer within this many seconds is treated as down:
 # callers back off and retry instead of hanging a loop that must stay live.
 SOCKET_TIMEOUT = 5.0
+# Connections one process may open to Redis; more callers wait their turn.
+MAX_CONNECTIONS = 256
 # Sentinels answer from memory: a slow one is skipped rather than waited for.
 SENTINEL_TIMEOUT = 1.0
 # How often the watcher asks the sentinels where the master is. Well inside
@@ -69,9 +71,21 @@ def connect(url: str, role: str, **options: object) -> redis.Redis:
     options.setdefault("socket_timeout", SOCKET_TIMEOUT)
     options.setdefault("socket_connect_timeout", SOCKET_TIMEOUT)
     options.setdefault("health_check_interval", 10)
+    max_connections = options.pop("max_connections", MAX_CONNECTIONS)
     if is_sentinel_url(url):
         return _sentinel_client(url, client_name(role), options)
-    return redis.Redis.from_url(url, client_name=client_name(role), **options)
+    # A blocking pool: past MAX_CONNECTIONS a caller waits for a free
+    # connection (up to the socket timeout) instead of failing at once, as
+    # redis-py's default pool does at 100 (a burst of subscribes in one web
+    # worker hit that and answered `unavailable`).
+    pool = redis.BlockingConnectionPool.from_url(
+        url,
+        client_name=client_name(role),
+        max_connections=max_connections,
+        timeout=SOCKET_TIMEOUT,
+        **options,
+    )
+    return redis.Redis(connection_pool=pool)
 
 
 class _EpochSentinel(Sentinel):

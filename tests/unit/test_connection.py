@@ -79,3 +79,22 @@ def test_the_newest_configuration_wins_over_a_sentinel_that_lags() -> None:
     manager.sentinels = [FakeSentinel(redis.ConnectionError("down"))]
     with pytest.raises(MasterNotFoundError, match="No master found"):
         manager.discover_master("m")
+
+
+def test_a_busy_process_waits_for_a_connection_instead_of_failing(redis_server) -> None:
+    import threading
+
+    from tidings.connection import connect
+
+    client = connect(redis_server.url(0), "test", max_connections=2)
+    results: list[object] = []
+
+    def slow_call() -> None:
+        results.append(client.blpop(["tidings:test:nothing"], timeout=0.3))
+
+    threads = [threading.Thread(target=slow_call) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == [None] * 6  # all six waited their turn; none got "Too many connections"
