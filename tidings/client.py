@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import engineio
 import socketio
 
 from tidings.history import BEGINNING, parse_offset
@@ -22,6 +24,25 @@ from tidings.history import BEGINNING, parse_offset
 log = logging.getLogger("tidings.client")
 
 Handler = Callable[[dict[str, Any]], None]
+
+
+class _InOrderEngineIO(engineio.Client):
+    """An engine.io client that hands messages over one by one, in arrival order.
+
+    python-engineio's client starts a thread per message, so two
+    `publications` events can be handled out of order, and the second one
+    would then be dropped as "at or below the last offset": a silent loss.
+    """
+
+    def _trigger_event(self, event: str, *args: Any, **kwargs: Any) -> Any:
+        if event == "message":
+            kwargs["run_async"] = False
+        return super()._trigger_event(event, *args, **kwargs)
+
+
+class _InOrderClient(socketio.Client):
+    def _engineio_client_class(self) -> type[engineio.Client]:
+        return _InOrderEngineIO
 
 
 @dataclass
@@ -58,8 +79,9 @@ class TidingsClient:
         self.gaps = 0
         self.connects = 0
         self._lock = threading.RLock()
+        self._closed = False
         self._topics: dict[str, _Topic] = {}
-        self.sio = socketio.Client(
+        self.sio = _InOrderClient(
             reconnection=True,
             reconnection_delay=reconnection_delay,
             reconnection_delay_max=1,
@@ -83,6 +105,7 @@ class TidingsClient:
 
     def disconnect(self) -> None:
         """Close the connection for good."""
+        self._closed = True
         self.sio.disconnect()
 
     def subscribe(self, topic: str, timeout: float = 10) -> dict[str, Any]:
@@ -120,14 +143,25 @@ class TidingsClient:
         threading.Thread(target=self._resubscribe_all, daemon=True).start()
 
     def _resubscribe_all(self) -> None:
+        generation = self.connects
         with self._lock:
             topics = list(self._topics)
         for topic in topics:
-            try:
-                self.subscribe(topic)
-            except (socketio.exceptions.SocketIOError, OSError) as exc:
-                log.warning("resubscribe %s failed (%s); will retry on next connect", topic, exc)
-                return
+            delay = 0.05
+            # Until it takes: a resubscribe that times out or finds Redis
+            # unavailable would otherwise leave the topic silent on a live
+            # connection. Subscribing twice is harmless (offsets de-duplicate).
+            # A newer connection resubscribes for itself.
+            while topic in self._topics and self.connects == generation and not self._closed:
+                try:
+                    if self.sio.connected:
+                        ack = self.subscribe(topic)
+                        if not (isinstance(ack, dict) and ack.get("error") == "unavailable"):
+                            break
+                except (socketio.exceptions.SocketIOError, OSError) as exc:
+                    log.warning("resubscribe %s failed (%s); retrying", topic, exc)
+                time.sleep(delay)  # backoff before the next attempt
+                delay = min(delay * 2, 2.0)
 
     def _on_ack(self, topic: str, sent: dict[str, Any], ack: Any) -> None:
         with self._lock:

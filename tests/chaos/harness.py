@@ -88,6 +88,7 @@ class Report:
     fast_published: int
     fast_delivered_median: float
     faults: list[str]
+    missing: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
         """Return the report as printable lines."""
@@ -103,6 +104,7 @@ class Report:
             f"fast (pub/sub): published {self.fast_published}, median client received "
             f"{self.fast_delivered_median:.0f} ({fast_loss:.1%} lost)",
             "faults: " + "; ".join(self.faults),
+            *(["missing: " + "; ".join(self.missing[:20])] if self.missing else []),
         ]
 
 
@@ -295,6 +297,7 @@ class Chaos:
     def report(self) -> Report:
         """Count what every client got against what was published."""
         published = delivered = lost = duplicated = out_of_order = 0
+        missing: list[str] = []
         gaps = []
         for watcher in self.watchers:
             for topic in watcher.topics:
@@ -304,7 +307,10 @@ class Chaos:
                 expected = self.sent[topic]
                 published += expected
                 delivered += len(got)
-                lost += len(set(range(expected)) - set(got))
+                gone = sorted(set(range(expected)) - set(got))
+                lost += len(gone)
+                if gone:
+                    missing.append(f"client {watcher.index} {topic} n={gone[:10]}")
                 duplicated += len(got) - len(set(got))
                 offsets = watcher.offsets.get(topic, [])
                 out_of_order += sum(1 for a, b in itertools.pairwise(offsets) if a >= b)
@@ -323,6 +329,7 @@ class Chaos:
             fast_published=self.fast_sent,
             fast_delivered_median=fast,
             faults=self.faults,
+            missing=missing,
         )
 
     def close(self) -> None:
