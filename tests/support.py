@@ -356,3 +356,41 @@ def pid_of(entry: dict) -> int:
 def topic_listeners(stack: Stack) -> list[dict]:
     """Return the tidings:listener connections subscribed to a pattern."""
     return [c for c in named(stack, "listener") if int(c.get("psub", 0)) > 0]
+
+
+class SteadyPublisher(threading.Thread):
+    """Publishes {"n": 0, 1, ...} durably on one topic at a steady rate."""
+
+    def __init__(self, stack: Stack, topic: str, rate: float = 200) -> None:
+        super().__init__(daemon=True, name=f"publisher-{topic}")
+        self.stack = stack
+        self.topic = topic
+        self.period = 1 / rate
+        self.sent = 0  # publications whose XADD has returned
+        self.error: BaseException | None = None
+        self._halt = threading.Event()
+        self._client = stack.redis_server.client()
+
+    def run(self) -> None:
+        deadline = time.monotonic()
+        try:
+            while not self._halt.is_set():
+                publish_many(
+                    [(self.topic, {"n": self.sent})],
+                    client=self._client,
+                    settings=self.stack.settings,
+                )
+                self.sent += 1
+                deadline += self.period
+                self._halt.wait(max(0.0, deadline - time.monotonic()))
+        except BaseException as exc:  # reported by halt()
+            self.error = exc
+        finally:
+            self._client.close()
+
+    def halt(self) -> int:
+        """Stop publishing; return how many were published."""
+        self._halt.set()
+        self.join(timeout=10)
+        assert self.error is None, f"publisher failed: {self.error!r}"
+        return self.sent

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -51,14 +52,10 @@ def chromium_browser() -> Iterator[object]:
             browser.close()
 
 
-@pytest.fixture
-def page(chromium_browser, stack) -> Iterator[object]:
-    """A fresh browser context and page; uncaught page errors fail the test.
-
-    It depends on `stack` only to be torn down first: a page still connected
-    would hold gunicorn's graceful shutdown open.
-    """
-    context = chromium_browser.new_context(viewport={"width": 1280, "height": 900})
+@contextmanager
+def open_page(chromium_browser, height: int = 900) -> Iterator[object]:
+    """A fresh browser context and page; uncaught page errors fail the test."""
+    context = chromium_browser.new_context(viewport={"width": 1280, "height": height})
     context.set_default_timeout(20_000)
     page = context.new_page()
     errors: list[str] = []
@@ -68,3 +65,14 @@ def page(chromium_browser, stack) -> Iterator[object]:
     finally:
         context.close()
     assert not errors, f"uncaught JavaScript errors on the page: {errors}"
+
+
+@pytest.fixture
+def page(chromium_browser, stack) -> Iterator[object]:
+    """A page for the dashboard tests.
+
+    It depends on `stack` only to be torn down first: a page still connected
+    would hold gunicorn's graceful shutdown open.
+    """
+    with open_page(chromium_browser) as opened:
+        yield opened

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from playwright.sync_api import Page, expect
 
+from tests.browser.conftest import open_page
 from tests.support import Stack
 
 pytestmark = pytest.mark.browser
@@ -27,16 +28,8 @@ def ops_stack(make_stack: Callable[..., Stack]) -> Stack:
 
 @pytest.fixture
 def ops_page(chromium_browser, ops_stack: Stack) -> Iterator[Page]:
-    context = chromium_browser.new_context(viewport={"width": 1280, "height": 1100})
-    context.set_default_timeout(TIMEOUT)
-    page = context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda error: errors.append(str(error)))
-    try:
+    with open_page(chromium_browser, height=1100) as page:
         yield page
-    finally:
-        context.close()
-    assert not errors, f"uncaught JavaScript errors on the page: {errors}"
 
 
 def show(page: Page, key: str) -> None:

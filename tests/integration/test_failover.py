@@ -13,17 +13,22 @@ import json
 import os
 import signal
 import statistics
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 
 import pytest
 
-from tests.support import Proc, RecordingClient, Stack, topic_listeners, wait_for
+from tests.support import (
+    Proc,
+    RecordingClient,
+    Stack,
+    SteadyPublisher,
+    topic_listeners,
+    wait_for,
+)
 from tidings.history import parse_offset
 from tidings.lease import Holder, current_holder
-from tidings.publishing import publish_many
 
 pytestmark = pytest.mark.integration
 
@@ -32,44 +37,6 @@ CLIENTS = 3
 TAKEOVER_LIMIT = 5.0  # contract: a listener that dies is replaced within 5 s
 HANDOVER_LIMIT = 2.0  # SIGTERM hands over "at once"
 EXIT_LIMIT = 10.0
-
-
-class Publisher(threading.Thread):
-    """Publishes {"n": 0, 1, ...} durably on one topic at a steady rate."""
-
-    def __init__(self, stack: Stack, topic: str, rate: float = RATE) -> None:
-        super().__init__(daemon=True, name=f"publisher-{topic}")
-        self.stack = stack
-        self.topic = topic
-        self.period = 1 / rate
-        self.sent = 0  # publications whose XADD has returned
-        self.error: BaseException | None = None
-        self._halt = threading.Event()
-        self._client = stack.redis_server.client()
-
-    def run(self) -> None:
-        deadline = time.monotonic()
-        try:
-            while not self._halt.is_set():
-                publish_many(
-                    [(self.topic, {"n": self.sent})],
-                    client=self._client,
-                    settings=self.stack.settings,
-                )
-                self.sent += 1
-                deadline += self.period
-                self._halt.wait(max(0.0, deadline - time.monotonic()))
-        except BaseException as exc:  # reported by halt()
-            self.error = exc
-        finally:
-            self._client.close()
-
-    def halt(self) -> int:
-        """Stop publishing; return how many were published."""
-        self._halt.set()
-        self.join(timeout=10)
-        assert self.error is None, f"publisher failed: {self.error!r}"
-        return self.sent
 
 
 def parent_of(pid: int) -> int:
@@ -209,7 +176,7 @@ def test_killed_holder_is_replaced_within_5s(make_stack: Callable[..., Stack]) -
         for topic in topics:
             old = holder_now(stack)
             old_worker = worker_of(stack, old.pid)
-            publisher = Publisher(stack, topic)
+            publisher = SteadyPublisher(stack, topic, RATE)
             publisher.start()
             wait_for(lambda t=topic: all(c.raw_of(t) for c in clients), timeout=10)
             time.sleep(0.5)  # steady state: the holder is forwarding
@@ -265,7 +232,7 @@ def test_sigterm_worker_hands_over_and_exits(make_stack: Callable[..., Stack]) -
     try:
         old = holder_now(stack)
         worker = worker_of(stack, old.pid)
-        publisher = Publisher(stack, topic)
+        publisher = SteadyPublisher(stack, topic, RATE)
         publisher.start()
         wait_for(lambda: all(c.raw_of(topic) for c in clients), timeout=10)
         time.sleep(0.5)
@@ -310,7 +277,7 @@ def test_stale_holder_is_fenced(make_stack: Callable[..., Stack]) -> None:
     old = holder_now(stack)
     stopped = False
     try:
-        publisher = Publisher(stack, topic)
+        publisher = SteadyPublisher(stack, topic, RATE)
         publisher.start()
         wait_for(lambda: all(c.raw_of(topic) for c in clients), timeout=10)
         time.sleep(0.5)

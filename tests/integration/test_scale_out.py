@@ -20,7 +20,6 @@ import contextlib
 import os
 import shutil
 import signal
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -31,10 +30,9 @@ import psutil
 import pytest
 import requests
 
-from tests.support import IN_CI, ROOT, Proc, Stack, free_port, wait_for
+from tests.support import IN_CI, ROOT, Proc, Stack, SteadyPublisher, free_port, wait_for
 from tidings.client import TidingsClient
 from tidings.lease import current_holder
-from tidings.publishing import publish_many
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -107,39 +105,6 @@ class Nginx:
             self.proc.stop()
 
 
-class Publisher(threading.Thread):
-    """Publishes {"n": 0, 1, ...} durably on TOPIC at a steady rate until halted."""
-
-    def __init__(self, stack: Stack) -> None:
-        super().__init__(daemon=True, name="publisher")
-        self.stack = stack
-        self.sent = 0
-        self.error: BaseException | None = None
-        self._halt = threading.Event()
-        self._client = stack.redis_server.client()
-
-    def run(self) -> None:
-        deadline = time.monotonic()
-        try:
-            while not self._halt.is_set():
-                publish_many(
-                    [(TOPIC, {"n": self.sent})], client=self._client, settings=self.stack.settings
-                )
-                self.sent += 1
-                deadline += 1 / RATE
-                self._halt.wait(max(0.0, deadline - time.monotonic()))
-        except BaseException as exc:  # reported by halt()
-            self.error = exc
-        finally:
-            self._client.close()
-
-    def halt(self) -> int:
-        self._halt.set()
-        self.join(timeout=10)
-        assert self.error is None, f"publisher failed: {self.error!r}"
-        return self.sent
-
-
 class Recorder(TidingsClient):
     """A TidingsClient that keeps what it delivers (once per offset) and counts raw arrivals."""
 
@@ -196,7 +161,7 @@ def test_two_nodes_behind_nginx_lose_nothing(
     node_b = Stack(node_a.redis_server, node_b_dir, TIDINGS_HISTORY_SIZE="100000")
     proxies: list[Nginx] = []
     clients: list[Recorder] = []
-    publisher: Publisher | None = None
+    publisher: SteadyPublisher | None = None
     try:
         node_a.start_worker(concurrency=2)
         node_a.start_worker(concurrency=2)
@@ -235,7 +200,7 @@ def test_two_nodes_behind_nginx_lose_nothing(
         # Each node holds its direct client and about half of the spread ones.
         assert min(spread_counts) >= 1 + SPREAD_CLIENTS // 2 - 1, spread_counts
 
-        publisher = Publisher(node_a)
+        publisher = SteadyPublisher(node_a, TOPIC, RATE)
         publisher.start()
         wait_for(lambda: publisher.sent >= 3 * RATE, timeout=30)
         # Every client has every publication so far, exactly once (raw, before
