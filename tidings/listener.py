@@ -401,10 +401,15 @@ class Listener:
         # and other consumers' (a dead or fenced listener's, which the fence
         # keeps from ever forwarding them). All are older than anything `>`
         # gives, so forwarding them first keeps each topic in publish order.
-        backlog = self._own_pending(client) + self._claim(client, min_idle_ms=0)
+        # XAUTOCLAIM returns this consumer's own pending entries too: one copy
+        # of each, or an entry would be forwarded twice (two offsets).
+        backlog = {
+            _text(entry_id): (entry_id, fields)
+            for entry_id, fields in self._own_pending(client) + self._claim(client, min_idle_ms=0)
+        }
         if backlog:
-            backlog.sort(key=lambda entry: parse_offset(_text(entry[0])) or (0, 0))
-            self._forward_entries(forwarder, backlog)
+            ordered = sorted(backlog.values(), key=lambda e: parse_offset(_text(e[0])) or (0, 0))
+            self._forward_entries(forwarder, ordered)
         last_claim = last_trim = time.monotonic()
         while not self._stop.is_set():
             now = time.monotonic()

@@ -214,3 +214,26 @@ def test_fuzzed_input_never_stops_the_valid_publications(
     assert valid() == expected
     assert running.thread.is_alive()
     wait_for(lambda: redis_client.xpending(INGEST_STREAM, INGEST_GROUP)["pending"] == 0)
+
+
+def test_entries_it_read_before_a_reconnect_are_forwarded_once(
+    redis_client: redis.Redis, settings: Settings
+) -> None:
+    """Its own pending entries come back from both XREADGROUP 0 and XAUTOCLAIM."""
+    listener = Listener(settings)
+    redis_client.xgroup_create(INGEST_STREAM, INGEST_GROUP, id="0", mkstream=True)
+    for i in range(3):
+        redis_client.xadd(INGEST_STREAM, {"topic": "public.once", "data": str(i)})
+    # As if this very listener had read them and lost its connection before forwarding.
+    redis_client.xreadgroup(INGEST_GROUP, listener.consumer, {INGEST_STREAM: ">"})
+    running = Running(settings, redis_client)
+    running.listener = listener
+    running.thread = threading.Thread(target=lambda: running.result.append(listener.run()))
+    running.start()
+    try:
+        wait_for(lambda: len(running.publications()) >= 3, timeout=5)
+        wait_for(lambda: redis_client.xpending(INGEST_STREAM, INGEST_GROUP)["pending"] == 0)
+        assert redis_client.xlen("tidings:history:public.once") == 3
+        assert [p["data"] for p in running.publications()] == [0, 1, 2]
+    finally:
+        running.stop()
