@@ -30,6 +30,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
+from typing import Any
 
 import redis
 
@@ -291,6 +292,20 @@ class Listener:
             if batch:
                 self._forward(forwarder, batch, [], path="pubsub")
 
+    def _while_holding(self, call: Callable[[], Any]) -> Any:
+        """Run a fenced call; if the lease merely expired, take it back and run it once more."""
+        # A lease lost to a Redis restart is ours to take back; one held by
+        # another listener is not (Fenced propagates). The fenced call changed
+        # nothing, so running it again cannot duplicate.
+        assert self._lease is not None
+        try:
+            return call()
+        except Fenced:
+            if not self._lease.acquire():
+                raise
+            log.info("the lease had expired (Redis restarted?); re-acquired it")
+            return call()
+
     def _forward(
         self,
         forwarder: Forwarder,
@@ -311,16 +326,7 @@ class Listener:
                 path=path,
             )
 
-        try:
-            attempt()
-        except Fenced:
-            # A lease that merely expired (a Redis restart loses it) is ours to
-            # take back; one held by another listener is not. The fenced call
-            # changed nothing, so retrying it cannot duplicate.
-            if not self._lease.acquire():
-                raise
-            log.info("the lease had expired (Redis restarted?); re-acquired it")
-            attempt()
+        self._while_holding(attempt)
         # One clock read per batch; the loop over it is the forward's own size.
         self.stats.forwarded(path, (pub.entered_ms for pub in batch), now_ms())
 
@@ -410,6 +416,18 @@ class Listener:
         if backlog:
             ordered = sorted(backlog.values(), key=lambda e: parse_offset(_text(e[0])) or (0, 0))
             self._forward_entries(forwarder, ordered)
+
+        def read_fenced() -> list:
+            try:
+                return read(
+                    keys=[LEASE_KEY, INGEST_STREAM],
+                    args=[self._lease.token, INGEST_GROUP, self.consumer, MAX_BATCH],
+                )
+            except redis.ResponseError as exc:
+                if str(exc).startswith("FENCED"):
+                    raise Fenced(str(exc)) from None
+                raise
+
         last_claim = last_trim = time.monotonic()
         while not self._stop.is_set():
             now = time.monotonic()
@@ -422,18 +440,7 @@ class Listener:
             if now - last_trim >= TRIM_EVERY_SECONDS:
                 trim(keys=[INGEST_STREAM], args=[INGEST_GROUP])
                 last_trim = now
-            try:
-                entries, last_id = read(
-                    keys=[LEASE_KEY, INGEST_STREAM],
-                    args=[self._lease.token, INGEST_GROUP, self.consumer, MAX_BATCH],
-                )
-            except redis.ResponseError as exc:
-                if str(exc).startswith("FENCED") and self._lease.acquire():
-                    log.info("the lease had expired (Redis restarted?); re-acquired it")
-                    continue
-                if str(exc).startswith("FENCED"):
-                    raise Fenced(str(exc)) from None
-                raise
+            entries, last_id = self._while_holding(read_fenced)
             if entries:
                 self._forward_entries(forwarder, [(e[0], _fields(e[1])) for e in entries])
             else:
