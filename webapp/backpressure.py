@@ -31,6 +31,14 @@ def _packet_size(item: Any) -> int:
     return len(data) if isinstance(data, (str, bytes)) else 0
 
 
+def _is_reply(item: Any) -> bool:
+    """Tell a Socket.IO ack (type 3: a `subscribe` answer, with its recovery) from the rest."""
+    data = getattr(item, "data", None)
+    return getattr(item, "packet_type", None) == packet.MESSAGE and (
+        isinstance(data, str) and data[:1] == "3"
+    )
+
+
 def _record_websockets() -> None:
     """Make engine.io sockets remember their websocket and count oversized messages."""
     global _record_ws_installed
@@ -97,16 +105,24 @@ def install(
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             self.pending_bytes = 0
+            # Of which acks: a recovery can be far larger than the live bound.
+            self.reply_bytes = 0
             self.cut = False
             super().__init__(*args, **kwargs)
 
         def _put(self, item: Any) -> None:
-            self.pending_bytes += _packet_size(item)
+            size = _packet_size(item)
+            self.pending_bytes += size
+            if _is_reply(item):
+                self.reply_bytes += size
             super()._put(item)
 
         def _get(self) -> Any:
             item = super()._get()
-            self.pending_bytes -= _packet_size(item)
+            size = _packet_size(item)
+            self.pending_bytes -= size
+            if _is_reply(item):
+                self.reply_bytes -= size
             return item
 
     eio.create_queue = MeteredQueue
@@ -133,10 +149,19 @@ def install(
             if queue.cut:
                 return
             backlog = queue.qsize()
+            size = _packet_size(pkt)
+            if _is_reply(pkt):
+                # One reply at a time is let through whatever its size: a
+                # client that reconnects far behind gets its whole recovery in
+                # one `subscribe` ack while live publications queue behind it;
+                # measured with them, it would be cut at every reconnect and
+                # never catch up. A second reply while one waits is measured.
+                held = queue.pending_bytes if queue.reply_bytes else 0
+            else:
+                # Live traffic is measured without the reply in flight.
+                held = queue.pending_bytes - queue.reply_bytes
             # One packet always goes through, whatever its size: only a backlog is slow.
-            if backlog >= max_packets or (
-                backlog and queue.pending_bytes + _packet_size(pkt) > max_bytes
-            ):
+            if backlog >= max_packets or (backlog and held and held + size > max_bytes):
                 queue.cut = True
                 # Not inline: this runs inside an emit loop over the room.
                 eio.start_background_task(cut, sock, queue.qsize(), queue.pending_bytes)

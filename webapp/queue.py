@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import threading
 import time
 from collections.abc import Iterator
 
@@ -62,6 +63,9 @@ class QueueManager(socketio.RedisManager):
             },
         )
         self.subscribed = False
+        # Set once Redis has confirmed the subscription and missed publications
+        # were replayed; `subscribe` handlers wait on it (see `wait_subscribed`).
+        self._live = threading.Event()
         self.last_poll = 0.0
         self.reconnects = 0
         self._closed = False
@@ -142,6 +146,9 @@ class QueueManager(socketio.RedisManager):
 
     def _redis_connect(self) -> None:
         super()._redis_connect()
+        # The SUBSCRIBE confirmation marks when this worker starts hearing the
+        # queue (`_confirm_subscription`); the base class would swallow it.
+        self.pubsub.ignore_subscribe_messages = False
         # redis+sentinel://: move to the new master after a failover (the old
         # one keeps this subscription up but hears nothing); the loop below
         # then catches up from history as after any outage.
@@ -150,6 +157,15 @@ class QueueManager(socketio.RedisManager):
     def close(self) -> None:
         """End the listening loop (tests; a worker simply exits)."""
         self._closed = True
+
+    def wait_subscribed(self, timeout: float) -> bool:
+        """Wait until Redis has confirmed this worker's subscription; False at the deadline.
+
+        A `subscribe` handler must not read history before then: whatever the
+        listener forwards between that read and the SUBSCRIBE reaching Redis
+        would be neither in the client's recovery nor delivered live.
+        """
+        return self._live.wait(timeout)
 
     @property
     def closed(self) -> bool:
@@ -171,6 +187,15 @@ class QueueManager(socketio.RedisManager):
                 metrics.QUEUE_MESSAGES.inc()
                 yield message["data"]
 
+    def _confirm_subscription(self) -> None:
+        """Read until Redis confirms the SUBSCRIBE (nothing else can come before it)."""
+        deadline = time.monotonic() + SOCKET_TIMEOUT
+        while time.monotonic() < deadline:
+            reply = self.pubsub.get_message(timeout=POLL_SECONDS)
+            if reply is not None and reply["type"] == "subscribe":
+                return
+        raise redis.TimeoutError("no confirmation of SUBSCRIBE " + self.channel)
+
     def _redis_listen_with_retries(self) -> Iterator[dict]:
         backoff = BACKOFF_START
         down = False
@@ -178,12 +203,15 @@ class QueueManager(socketio.RedisManager):
             try:
                 self._redis_connect()
                 self.pubsub.subscribe(self.channel)
+                self._confirm_subscription()
                 if down:
                     # Before any new message, so that each topic stays in order.
                     self._catch_up()
                     log.info("message queue: Redis is back; resubscribed and caught up")
                     down = False
+                self.last_poll = time.monotonic()
                 self.subscribed = True
+                self._live.set()
                 backoff = BACKOFF_START
                 if self.reconnects == 0:
                     log.info("message queue: subscribed to %s", self.channel)
@@ -194,6 +222,7 @@ class QueueManager(socketio.RedisManager):
                         yield message
             except Exception as exc:  # any failure: drop the connection and start over
                 self.subscribed = False
+                self._live.clear()
                 if self._closed:
                     return
                 self.reconnects += 1

@@ -29,6 +29,9 @@ from webapp.grants import Grant, InvalidToken, decode_token, grant_for
 log = logging.getLogger("tidings.realtime")
 
 SWEEP_SECONDS = 1.0
+# How long a `subscribe` waits for this worker's message-queue subscription
+# before answering `unavailable` (clients retry): under the clients' ack timeouts.
+SUBSCRIBED_WAIT_SECONDS = 3.0
 
 
 @dataclass
@@ -141,6 +144,12 @@ def on_subscribe(payload: Any = None, *_: Any) -> dict[str, Any]:
     if new and len(grant.topics) >= settings.max_subscriptions:
         metrics.limit_hit("subscriptions")
         return _error("limit")
+    manager = current_app.extensions["tidings.queue"]
+    if manager is not None and not manager.wait_subscribed(SUBSCRIBED_WAIT_SECONDS):
+        # This worker is not hearing the queue (starting, or Redis is away):
+        # history read now could miss what is forwarded before it hears again.
+        log.warning("subscribe %s: this worker is not subscribed to the message queue", topic)
+        return _error("unavailable")
     # Join before reading history: a publication in between then arrives
     # twice (live and recovered) and the client drops the copy by offset;
     # reading first could lose it.
@@ -158,7 +167,6 @@ def on_subscribe(payload: Any = None, *_: Any) -> dict[str, Any]:
         grant.topics.pop(topic, None)
         log.warning("subscribe %s: Redis unavailable (%s)", topic, exc)
         return _error("unavailable")
-    manager = current_app.extensions["tidings.queue"]
     if manager is not None:
         manager.note_offset(topic, recovery.offset)
     if new:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 
@@ -196,3 +197,30 @@ def test_publish_api_wait_times_out_without_a_listener(app: Flask) -> None:
     )
     assert answer.status_code == 504
     assert answer.json["error"] == "timeout" and answer.json["id"]
+
+
+def test_subscribe_waits_for_the_workers_queue_subscription(
+    socket_app: Flask, redis_server, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """History is read only once Redis has confirmed this worker hears the queue."""
+    from tests.support import wait_for
+    from webapp import realtime
+    from webapp.queue import QueueManager
+
+    monkeypatch.setattr(realtime, "SUBSCRIBED_WAIT_SECONDS", 0.2)
+    manager = QueueManager(redis_server.url(0), history=redis_client, history_size=1000)
+    socket_app.extensions["tidings.queue"] = manager
+    client = connect(socket_app)
+    assert client.emit("subscribe", {"topic": "public.a"}, callback=True) == {
+        "ok": False,
+        "error": "unavailable",
+    }
+    assert "t:public.a" not in socketio.server.manager.rooms.get("/", {})  # never joined
+    loop = threading.Thread(target=lambda: list(manager._listen()), daemon=True)
+    loop.start()
+    try:
+        wait_for(lambda: manager.subscribed, timeout=5)
+        assert client.emit("subscribe", {"topic": "public.a"}, callback=True)["ok"]
+    finally:
+        manager.close()
+        loop.join(timeout=5)

@@ -1,0 +1,80 @@
+"""Outgoing queue bounds on a real python-socketio server whose client never reads."""
+
+from __future__ import annotations
+
+import engineio.socket
+import socketio
+from engineio import packet
+
+from tests.support import wait_for
+from webapp import backpressure
+
+MAX_BYTES = 1000
+
+
+def stalled(**bounds: int) -> tuple[socketio.Server, engineio.socket.Socket, list[str]]:
+    """A server with bounded queues and one connection nobody drains; and the cut sids."""
+    server = socketio.Server(async_mode="threading")
+    cuts: list[str] = []
+    backpressure.install(
+        server,
+        max_packets=bounds.get("max_packets", 100),
+        max_bytes=bounds.get("max_bytes", MAX_BYTES),
+        on_cut=cuts.append,
+    )
+    sock = engineio.socket.Socket(server.eio, "sid1")
+    sock.last_ping = None  # no ping timeout for a socket that never pinged
+    server.eio.sockets["sid1"] = sock
+    return server, sock, cuts
+
+
+def event(size: int) -> packet.Packet:
+    return packet.Packet(packet.MESSAGE, data="2" + '["publications","' + "x" * size + '"]')
+
+
+def reply(size: int) -> packet.Packet:
+    return packet.Packet(packet.MESSAGE, data="31" + '[{"ok":true,"p":"' + "x" * size + '"}]')
+
+
+def test_a_backlog_over_the_byte_bound_is_cut() -> None:
+    server, sock, cuts = stalled()
+    for _ in range(3):
+        server.eio.send_packet("sid1", event(400))
+    wait_for(lambda: cuts == ["sid1"])
+    assert sock.queue.pending_bytes == 2 * len(event(400).data)  # the third was never queued
+
+
+def test_a_backlog_over_the_packet_bound_is_cut() -> None:
+    server, _, cuts = stalled(max_packets=5)
+    for _ in range(6):
+        server.eio.send_packet("sid1", event(1))
+    wait_for(lambda: cuts == ["sid1"])
+
+
+def test_one_large_reply_passes_a_backlog_and_live_traffic_is_measured_without_it() -> None:
+    server, sock, cuts = stalled()
+    server.eio.send_packet("sid1", event(400))
+    server.eio.send_packet("sid1", reply(50 * MAX_BYTES))  # a recovery far over the bound
+    server.eio.send_packet("sid1", event(400))
+    assert sock.queue.qsize() == 3 and not sock.queue.cut and cuts == []
+    server.eio.send_packet("sid1", event(400))  # live traffic past the bound is still cut
+    wait_for(lambda: cuts == ["sid1"])
+
+
+def test_a_second_reply_while_one_waits_is_measured() -> None:
+    server, sock, cuts = stalled()
+    server.eio.send_packet("sid1", reply(5 * MAX_BYTES))
+    server.eio.send_packet("sid1", reply(5 * MAX_BYTES))
+    wait_for(lambda: cuts == ["sid1"])
+    assert sock.queue.reply_bytes == len(reply(5 * MAX_BYTES).data)  # the second was not queued
+
+
+def test_a_drained_queue_forgets_what_it_held() -> None:
+    server, sock, cuts = stalled()
+    server.eio.send_packet("sid1", reply(5 * MAX_BYTES))
+    server.eio.send_packet("sid1", event(300))
+    sock.queue.get()
+    sock.queue.get()
+    assert sock.queue.pending_bytes == 0 and sock.queue.reply_bytes == 0
+    server.eio.send_packet("sid1", reply(5 * MAX_BYTES))
+    assert cuts == [] and sock.queue.qsize() == 1
