@@ -9,7 +9,9 @@ through `on_gap` so the application can resync. The same rules as
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -65,6 +67,7 @@ class TidingsClient:
         token: str | None = None,
         transports: list[str] | None = None,
         reconnection_delay: float = 0.2,
+        ack_timeout: float = 10,
         on_raw: Handler | None = None,
         **client_options: Any,
     ) -> None:
@@ -75,6 +78,7 @@ class TidingsClient:
         self.on_raw = on_raw or (lambda pub: None)
         self.token = token
         self.transports = transports or ["websocket"]
+        self.ack_timeout = ack_timeout
         self.recovered = 0
         self.gaps = 0
         self.connects = 0
@@ -108,7 +112,7 @@ class TidingsClient:
         self._closed = True
         self.sio.disconnect()
 
-    def subscribe(self, topic: str, timeout: float = 10) -> dict[str, Any]:
+    def subscribe(self, topic: str, timeout: float | None = None) -> dict[str, Any]:
         """Subscribe (with `since` when this client has seen the topic) and return the ack."""
         with self._lock:
             state = self._topics.setdefault(topic, _Topic())
@@ -116,7 +120,7 @@ class TidingsClient:
             payload: dict[str, Any] = {"topic": topic}
             if state.last_offset is not None:
                 payload["since"] = state.last_offset
-        ack = self.sio.call("subscribe", payload, timeout=timeout)
+        ack = self.sio.call("subscribe", payload, timeout=timeout or self.ack_timeout)
         self._on_ack(topic, payload, ack)
         return ack
 
@@ -158,10 +162,31 @@ class TidingsClient:
                         ack = self.subscribe(topic)
                         if not (isinstance(ack, dict) and ack.get("error") == "unavailable"):
                             break
+                except socketio.exceptions.TimeoutError:
+                    if self.connects == generation and self.sio.connected:
+                        # No answer on a connection that looks up: it is not
+                        # (a half-open TCP path, a wedged server). Asking again
+                        # on it would leave the topic silent; a new connection
+                        # resubscribes everything.
+                        log.warning(
+                            "resubscribe %s: no answer in %gs; reconnecting",
+                            topic,
+                            self.ack_timeout,
+                        )
+                        self._break_transport()
+                    return
                 except (socketio.exceptions.SocketIOError, OSError) as exc:
                     log.warning("resubscribe %s failed (%s); retrying", topic, exc)
                 time.sleep(delay)  # backoff before the next attempt
                 delay = min(delay * 2, 2.0)
+
+    def _break_transport(self) -> None:
+        """Drop the websocket as a network failure would: the client then reconnects."""
+        ws = getattr(self.sio.eio, "ws", None)
+        sock = getattr(ws, "sock", None)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     def _on_ack(self, topic: str, sent: dict[str, Any], ack: Any) -> None:
         with self._lock:

@@ -148,3 +148,31 @@ def test_progress_demo_reaches_done(page: Page, stack) -> None:
     )
     expect(page.locator("#job-status")).to_have_text("done", timeout=TIMEOUT)
     expect(page.locator("#start-job")).to_be_enabled()
+
+
+def test_an_unanswered_resubscribe_reconnects(page: Page, stack) -> None:
+    topic = fresh_topic()
+    open_dashboard(page, stack)
+    subscribe(page, topic)
+    stack.publish(topic, {"n": 1})
+    expect(rows(page, topic)).to_have_count(1, timeout=TIMEOUT)
+    # The next connection never answers (acks are dropped on arrival, as on a
+    # wedged path); the page must not stay silent on it.
+    page.evaluate(
+        """() => {
+          const t = window.tidings;
+          t._ackTimeout = 1000;
+          window.__connects = 0;
+          t.socket.on('connect', () => { window.__connects += 1; });
+          const onack = t.socket.onack;
+          t.socket.onack = function (packet) {
+            if (window.__connects === 1) return;
+            return onack.call(this, packet);
+          };
+          t.socket.io.engine.close();
+        }"""
+    )
+    page.wait_for_function("() => window.__connects >= 2", timeout=TIMEOUT, polling=50)
+    stack.publish(topic, {"n": 2})
+    expect(rows(page, topic)).to_have_count(2, timeout=TIMEOUT)
+    assert shown_data(page, topic) == [{"n": 2}, {"n": 1}]

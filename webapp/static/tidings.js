@@ -293,9 +293,12 @@
     this.socket.timeout(this._ackTimeout).emit('subscribe', payload, function (err, ack) {
       if (self._topics.get(entry.topic) !== entry || entry.attempt !== attempt) return; // stale
       if (err) {
-        // Timed out (retry while connected) or disconnected (the 'connect'
-        // handler resubscribes). Keep buffering until then.
-        if (self.socket.connected) self._sendSubscribe(entry);
+        // No answer. Disconnected: the 'connect' handler resubscribes. Still
+        // "connected": the connection is not (a half-open path, a wedged
+        // server), and asking again on it would leave the topic silent; drop
+        // the transport as a network failure would, so Socket.IO reconnects
+        // and resubscribes everything. Keep buffering until then.
+        if (self.socket.connected && self.socket.io.engine) self.socket.io.engine.close();
         return;
       }
       self._onSubscribeAck(entry, since, ack || {});

@@ -1,0 +1,48 @@
+"""The Python client on a real stack: a resubscribe that is never answered."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.support import wait_for
+from tidings.client import TidingsClient
+
+pytestmark = pytest.mark.integration
+
+TOPIC = "public.unanswered"
+
+
+def test_a_resubscribe_without_an_answer_reconnects_and_loses_nothing(make_stack) -> None:
+    stack = make_stack()
+    stack.start_worker()
+    stack.start_web()
+    stack.wait_ready()
+    got: list[dict[str, Any]] = []
+    client = TidingsClient(stack.url, on_publication=got.append, ack_timeout=1.0)
+    client.connect()
+    assert client.subscribe(TOPIC)["ok"]
+    stack.publish_many([(TOPIC, {"n": n}) for n in range(10)])
+    wait_for(lambda: len(got) == 10)
+
+    # On the next connection no answer ever arrives, as on a wedged path.
+    handle_ack = client.sio._handle_ack
+    lost: list[int] = []
+
+    def lose_acks_of_the_second_connection(namespace: str, id: int, data: Any) -> None:
+        if client.connects == 2:
+            lost.append(id)
+            return
+        handle_ack(namespace, id, data)
+
+    client.sio._handle_ack = lose_acks_of_the_second_connection  # type: ignore[method-assign]
+    client._break_transport()
+    wait_for(lambda: client.connects == 2 and lost)
+    stack.publish_many([(TOPIC, {"n": n}) for n in range(10, 30)])
+    # Without its own reconnect the client would stay silent on topic TOPIC.
+    wait_for(lambda: client.connects >= 3, timeout=15)
+    wait_for(lambda: len(got) == 30, timeout=15)
+    assert [p["data"]["n"] for p in got] == list(range(30))
+    assert client.gaps == 0
+    client.disconnect()
