@@ -27,6 +27,9 @@ log = logging.getLogger("tidings.client")
 
 Handler = Callable[[dict[str, Any]], None]
 
+# Resubscribe answers that are asked again after a backoff.
+RETRIED_ERRORS = ("unavailable", "limit")
+
 
 class _InOrderEngineIO(engineio.Client):
     """An engine.io client that hands messages over one by one, in arrival order.
@@ -160,7 +163,9 @@ class TidingsClient:
                 try:
                     if self.sio.connected:
                         ack = self.subscribe(topic)
-                        if not (isinstance(ack, dict) and ack.get("error") == "unavailable"):
+                        # `limit` here is the subscribe rate (a topic accepted
+                        # before), met when many topics resubscribe at once.
+                        if not (isinstance(ack, dict) and ack.get("error") in RETRIED_ERRORS):
                             break
                 except socketio.exceptions.TimeoutError:
                     if self.connects == generation and self.sio.connected:

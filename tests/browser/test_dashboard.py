@@ -176,3 +176,36 @@ def test_an_unanswered_resubscribe_reconnects(page: Page, stack) -> None:
     stack.publish(topic, {"n": 2})
     expect(rows(page, topic)).to_have_count(2, timeout=TIMEOUT)
     assert shown_data(page, topic) == [{"n": 2}, {"n": 1}]
+
+
+def test_many_topics_resubscribe_past_the_subscribe_rate(page: Page, stack) -> None:
+    topics = [fresh_topic() for _ in range(24)]  # more than the 20 subscribes/s allowed
+    open_dashboard(page, stack)
+    page.evaluate(
+        """async (topics) => {
+          const t = window.tidings;
+          window.__got = {};
+          window.__connects = 0;
+          t.socket.on('connect', () => { window.__connects += 1; });
+          for (const topic of topics) {  // at the allowed pace
+            window.__got[topic] = [];
+            const ack = await t.subscribe(topic, (pubs) => {
+              pubs.forEach((p) => window.__got[topic].push(p.data.n));
+            });
+            if (!ack.ok) throw new Error('subscribe ' + topic + ': ' + ack.error);
+            await new Promise((resolve) => setTimeout(resolve, 70));
+          }
+          t.socket.io.engine.close();  // all 24 resubscribe at once
+        }""",
+        topics,
+    )
+    page.wait_for_function("() => window.__connects >= 1", timeout=TIMEOUT, polling=50)
+    stack.publish_many([(topic, {"n": n}) for topic in topics for n in range(2)])
+    page.wait_for_function(
+        "(topics) => topics.every((t) => window.__got[t].length === 2)",
+        arg=topics,
+        timeout=TIMEOUT,
+        polling=100,
+    )
+    got = page.evaluate("(topics) => topics.map((t) => window.__got[t])", topics)
+    assert got == [[0, 1]] * len(topics)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import logging
 import os
 import random
 import signal
@@ -72,6 +73,23 @@ class Watcher:
 
     def on_raw(self, pub: dict[str, Any]) -> None:
         self.raw[(pub.get("topic"), pub.get("offset"))] += 1
+
+    def describe(self, topic: str) -> str:
+        """The client's state for a topic, to tell why it missed something."""
+        client = self.client
+        if client is None:
+            return "no client"
+        state = client._topics.get(topic)
+        return (
+            f"connects={client.connects} connected={client.sio.connected}"
+            f" pending={state.pending if state else None}"
+            f" buffered={len(state.buffered) if state else None}"
+            f" last={client.last_offset(topic)} seen on the wire={self.wire(topic)}"
+        )
+
+    def wire(self, topic: str) -> int:
+        """Count the distinct publications of `topic` that reached the client at all."""
+        return sum(1 for t, _ in self.raw if t == topic)
 
 
 @dataclass
@@ -324,7 +342,10 @@ class Chaos:
                 gone = sorted(set(range(expected)) - set(got))
                 lost += len(gone)
                 if gone:
-                    missing.append(f"client {watcher.index} {topic} n={gone[:10]}")
+                    missing.append(
+                        f"client {watcher.index} {topic} n={gone[:10]}"
+                        f" ({len(gone)} in all; {watcher.describe(topic)})"
+                    )
                 twice = [n for n in got if n not in self.ambiguous.get(topic, set())]
                 duplicated += len(twice) - len(set(twice))
                 offsets = watcher.offsets.get(topic, [])
@@ -394,6 +415,9 @@ def main() -> None:
     parser.add_argument("--random", action="store_true", help="random fault times and order")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(threadName)s %(name)s: %(message)s"
+    )
     directory = Path(tempfile.mkdtemp(prefix="tidings-chaos-"))
     stack, server = start_stack(directory)
     chaos = Chaos(stack, clients=args.clients, publications=args.publications, rate=args.rate)
@@ -410,6 +434,8 @@ def main() -> None:
         report = chaos.run(schedule)
         print("\n".join(report.lines()))
         print(f"logs: {directory}")
+        if report.lost or report.duplicated or report.out_of_order:
+            raise SystemExit(1)
     finally:
         chaos.close()
         stack.stop()

@@ -46,3 +46,24 @@ def test_a_resubscribe_without_an_answer_reconnects_and_loses_nothing(make_stack
     assert [p["data"]["n"] for p in got] == list(range(30))
     assert client.gaps == 0
     client.disconnect()
+
+
+def test_many_topics_resubscribe_past_the_subscribe_rate(make_stack) -> None:
+    stack = make_stack(TIDINGS_SUBSCRIBE_RATE="3")
+    stack.start_worker()
+    stack.start_web()
+    stack.wait_ready()
+    topics = [f"public.many.{i}" for i in range(8)]
+    got: list[dict[str, Any]] = []
+    client = TidingsClient(stack.url, on_publication=got.append)
+    client.connect()
+    for topic in topics:  # at the allowed pace
+        wait_for(lambda topic=topic: client.subscribe(topic)["ok"])
+    client._break_transport()
+    # All eight resubscribe at once: five meet the rate of 3/s and must be asked again.
+    wait_for(lambda: client.connects == 2)
+    stack.publish_many([(topic, {"n": n}) for topic in topics for n in range(5)])
+    wait_for(lambda: len(got) == 40, timeout=20)
+    for topic in topics:
+        assert [p["data"]["n"] for p in got if p["topic"] == topic] == list(range(5))
+    client.disconnect()

@@ -26,7 +26,9 @@
   var EVENTS = ['state', 'recovered', 'gap', 'error'];
   var OFFSET_RE = /^(\d+)-(\d+)$/;
   // Subscribe errors worth retrying (the server's Redis is down); any other
-  // error (forbidden, invalid_topic, limit) ends the subscription.
+  // error (forbidden, invalid_topic, limit) ends the subscription, except
+  // `limit` on a resubscribe: a topic accepted before can only have met the
+  // subscribe rate (a client with many topics resubscribing all at once).
   var TRANSIENT_ERRORS = ['unavailable'];
   // `since` for a topic that had no publication yet when it was subscribed.
   var FROM_START = '0-0';
@@ -306,9 +308,11 @@
   };
 
   Tidings.prototype._onSubscribeAck = function (entry, since, ack) {
-    if (!ack.ok && TRANSIENT_ERRORS.indexOf(ack.error) >= 0) {
-      // The server cannot read history right now (Redis down): keep the
-      // topic, its offset and the buffer, and ask again a little later.
+    var transient = TRANSIENT_ERRORS.indexOf(ack.error) >= 0 ||
+      (ack.error === 'limit' && entry.established);
+    if (!ack.ok && transient) {
+      // The server cannot answer it right now (Redis down, or the subscribe
+      // rate): keep the topic, its offset and the buffer, ask again later.
       this._emit('error', { topic: entry.topic, error: ack.error });
       var self = this;
       var attempt = entry.attempt;
