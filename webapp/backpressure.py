@@ -20,6 +20,7 @@ import engineio.socket
 from engineio import packet
 
 from tidings import metrics
+from webapp import fanout
 
 log = logging.getLogger("tidings.backpressure")
 
@@ -40,14 +41,19 @@ def _is_reply(item: Any) -> bool:
 
 
 def _record_websockets() -> None:
-    """Make engine.io sockets remember their websocket and count oversized messages."""
+    """Make engine.io sockets keep their websocket's socket and count oversized messages.
+
+    The socket is looked up once, at upgrade, for `abort_connection` and for
+    `fanout`'s direct writes, which need it per recipient per emit.
+    """
     global _record_ws_installed
     if _record_ws_installed:
         return
     original = engineio.socket.Socket._websocket_handler
 
     def recording_handler(self: engineio.socket.Socket, ws: Any) -> Any:
-        self.tidings_ws = ws
+        self.tidings_socket = fanout.handler_socket(ws)
+        fanout.attach(self, ws, self.tidings_socket)
         wait = ws.wait
         limit = self.server.max_http_buffer_size
 
@@ -59,16 +65,15 @@ def _record_websockets() -> None:
             return data
 
         ws.wait = counted_wait
-        return original(self, ws)
+        try:
+            return original(self, ws)
+        finally:
+            # The handler has closed the websocket: nothing may write to it directly now.
+            fanout.detach(self)
+            self.tidings_socket = None
 
     engineio.socket.Socket._websocket_handler = recording_handler
     _record_ws_installed = True
-
-
-def _raw_socket(sock: engineio.socket.Socket) -> socket.socket | None:
-    # gevent-websocket: engine.io's wrapper -> WebSocket -> its WSGI handler's socket.
-    ws = getattr(getattr(sock, "tidings_ws", None), "_sock", None)
-    return getattr(getattr(ws, "handler", None), "socket", None)
 
 
 def abort_connection(eio: Any, eio_sid: str) -> None:
@@ -80,7 +85,7 @@ def abort_connection(eio: Any, eio_sid: str) -> None:
     sock = eio.sockets.get(eio_sid)
     if sock is None:
         return
-    raw = _raw_socket(sock)
+    raw = getattr(sock, "tidings_socket", None)
     sock.close(wait=False, abort=True, reason=eio.reason.SERVER_DISCONNECT)
     if raw is not None:
         # A writer blocked in send() on a full TCP buffer wakes only when the
@@ -108,7 +113,23 @@ def install(
             # Of which acks: a recovery can be far larger than the live bound.
             self.reply_bytes = 0
             self.cut = False
+            # Greenlets blocked in `get`: on an upgraded connection, only its
+            # writer. `fanout` writes directly while the writer waits here on
+            # an empty queue. Counted here rather than by wrapping engine.io's
+            # `Socket.poll`: this is the exact moment the writer holds nothing,
+            # it needs no monkeypatch, and gevent's compiled queue does not
+            # expose its getters.
+            self.waiting = 0
             super().__init__(*args, **kwargs)
+
+        def get(self, block: bool = True, timeout: float | None = None) -> Any:
+            if not block:
+                return super().get(False)
+            self.waiting += 1
+            try:
+                return super().get(True, timeout)
+            finally:
+                self.waiting -= 1
 
         def _put(self, item: Any) -> None:
             size = _packet_size(item)

@@ -13,6 +13,10 @@ each topic's room and, after every resubscribe and before any new message,
 replays what history holds after it (clients drop copies by offset). A room
 whose gap history no longer covers has its connections dropped: its clients
 reconnect, resubscribe with `since` and are told `recovered: false`.
+
+Delivery to this worker's clients builds each event's packet and websocket
+frame once and writes it straight to idle websockets (`webapp.fanout`);
+callbacks and binary data keep python-socketio's path.
 """
 
 from __future__ import annotations
@@ -23,17 +27,21 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import redis
 import socketio
+from engineio import packet as eio_packet
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+from socketio import packet as sio_packet
 
 from tidings import metrics
 from tidings.connection import SOCKET_TIMEOUT, client_name, follow_master
 from tidings.forwarder import now_ms
 from tidings.history import BEGINNING, parse_offset, recover
 from tidings.keys import SOCKETIO_CHANNEL
+from webapp import fanout
 from webapp.backpressure import abort_connection
 
 log = logging.getLogger("tidings.queue")
@@ -82,8 +90,71 @@ class QueueManager(socketio.RedisManager):
             if known is None or pair > known[0]:
                 self._shown[topic] = (pair, offset)  # type: ignore[assignment]
 
+    def emit(
+        self,
+        event: str,
+        data: Any,
+        namespace: str | None = None,
+        room: Any = None,
+        skip_sid: Any = None,
+        callback: Any = None,
+        to: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        """Emit as python-socketio does; a local emit without callback is framed once."""
+        if callback is not None or not kwargs.get("ignore_queue"):
+            # Through the queue: PubSubManager.emit delivers here by `_handle_emit`.
+            return super().emit(
+                event,
+                data,
+                namespace=namespace,
+                room=room,
+                skip_sid=skip_sid,
+                callback=callback,
+                to=to,
+                **kwargs,
+            )
+        self._emit_here(event, data, namespace, to or room, skip_sid)
+        return None
+
+    def _emit_here(
+        self, event: str, data: Any, namespace: str | None, room: Any, skip_sid: Any
+    ) -> None:
+        """Deliver to this worker's clients: `Manager.emit` without callback, one frame per emit."""
+        if namespace not in self.rooms:
+            return
+        args = list(data) if isinstance(data, tuple) else [] if data is None else [data]
+        encoded = self.server.packet_class(
+            sio_packet.EVENT, namespace=namespace, data=[event, *args]
+        ).encode()
+        if not isinstance(encoded, str):
+            # Binary attachments (a list of packets), or a binary packet class:
+            # python-socketio's own path.
+            socketio.Manager.emit(self, event, data, namespace, room=room, skip_sid=skip_sid)
+            return
+        skip = skip_sid if isinstance(skip_sid, list) else [skip_sid]
+        fanout.deliver(
+            self.server,
+            eio_packet.Packet(eio_packet.MESSAGE, encoded),
+            [eio_sid for sid, eio_sid in self.get_participants(namespace, room) if sid not in skip],
+        )
+
     def _handle_emit(self, message: dict) -> None:
-        super()._handle_emit(message)
+        if message.get("callback") is None and not message.get("binary"):
+            # PubSubManager._handle_emit would deliver through `super().emit`,
+            # Manager.emit itself, past this class's `emit`: route it here.
+            data = message["data"]
+            if isinstance(data, list):
+                data = data[0] if len(data) == 1 else tuple(data)
+            self._emit_here(
+                message["event"],
+                data,
+                message.get("namespace"),
+                message.get("room"),
+                message.get("skip_sid"),
+            )
+        else:
+            super()._handle_emit(message)
         room = message.get("room")
         if message.get("event") == "publications" and isinstance(room, str):
             with contextlib.suppress(LookupError, TypeError, AttributeError):

@@ -7,7 +7,7 @@ import socketio
 from engineio import packet
 
 from tests.support import wait_for
-from webapp import backpressure
+from webapp import backpressure, fanout
 
 MAX_BYTES = 1000
 
@@ -78,3 +78,11 @@ def test_a_drained_queue_forgets_what_it_held() -> None:
     assert sock.queue.pending_bytes == 0 and sock.queue.reply_bytes == 0
     server.eio.send_packet("sid1", reply(5 * MAX_BYTES))
     assert cuts == [] and sock.queue.qsize() == 1
+
+
+def test_the_rest_of_a_direct_write_counts_against_the_bounds() -> None:
+    server, sock, cuts = stalled()
+    sock.queue.put(fanout.Preframed(b"x" * 900))  # a frame the kernel took only in part
+    assert sock.queue.pending_bytes == 900 and sock.queue.reply_bytes == 0
+    server.eio.send_packet("sid1", event(400))
+    wait_for(lambda: cuts == ["sid1"])
