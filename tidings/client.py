@@ -96,6 +96,7 @@ class TidingsClient:
             **client_options,
         )
         self.sio.on("connect", self._on_connect)
+        self.sio.on("disconnect", self._on_disconnect)
         self.sio.on("publications", self._on_publications)
 
     # -- public --------------------------------------------------------------
@@ -141,8 +142,12 @@ class TidingsClient:
 
     # -- internals -------------------------------------------------------------
 
+    def _on_disconnect(self, reason: Any = None) -> None:
+        log.debug("connection %d disconnected (%s)", self.connects, reason)
+
     def _on_connect(self) -> None:
         self.connects += 1
+        log.debug("connected (connection %d, sid %s)", self.connects, self.sio.get_sid())
         if self.connects == 1:
             return
         # A reconnect: resubscribe everything from where it stopped. Not from
@@ -203,6 +208,16 @@ class TidingsClient:
             if not isinstance(ack, dict) or not ack.get("ok"):
                 log.warning("subscribe %s refused: %s", topic, ack)
                 return
+            log.debug(
+                "sid %s subscribed %s since %s: offset %s, recovered %s (%d), %d buffered",
+                self.sio.get_sid(),
+                topic,
+                sent.get("since"),
+                ack.get("offset"),
+                ack.get("recovered"),
+                len(ack.get("publications") or ()),
+                len(buffered),
+            )
             if "since" in sent:
                 if ack.get("recovered"):
                     recovered = ack.get("publications", [])

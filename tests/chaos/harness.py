@@ -81,7 +81,8 @@ class Watcher:
             return "no client"
         state = client._topics.get(topic)
         return (
-            f"connects={client.connects} connected={client.sio.connected}"
+            f"sid={client.sio.get_sid()} connects={client.connects}"
+            f" connected={client.sio.connected}"
             f" pending={state.pending if state else None}"
             f" buffered={len(state.buffered) if state else None}"
             f" last={client.last_offset(topic)} seen on the wire={self.wire(topic)}"
@@ -414,10 +415,16 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--random", action="store_true", help="random fault times and order")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--verbose", action="store_true", help="log the clients' every step")
+    parser.add_argument(
+        "--faults", default="", help="with --random: only these, e.g. restart_redis,stall_client"
+    )
     args = parser.parse_args()
     logging.basicConfig(
         level=logging.WARNING, format="%(asctime)s %(threadName)s %(name)s: %(message)s"
     )
+    if args.verbose:
+        logging.getLogger("tidings.client").setLevel(logging.DEBUG)
     directory = Path(tempfile.mkdtemp(prefix="tidings-chaos-"))
     stack, server = start_stack(directory)
     chaos = Chaos(stack, clients=args.clients, publications=args.publications, rate=args.rate)
@@ -428,6 +435,8 @@ def main() -> None:
         if args.random:
             rng = random.Random(args.seed)
             faults = [fault for _, fault in schedule]
+            if args.faults:
+                faults = [getattr(chaos, name) for name in args.faults.split(",")]
             picks = [rng.choice(faults) for _ in range(int(duration // 6))]
             times = sorted(rng.uniform(2, duration - 3) for _ in picks)
             schedule = list(zip(times, picks, strict=True))
