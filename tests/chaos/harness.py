@@ -33,11 +33,14 @@ from typing import Any
 
 import psutil
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from tests.support import RedisServer, Stack, wait_for
 from tidings.client import TidingsClient
 from tidings.history import parse_offset
 from tidings.lease import current_holder
+from tidings.publishing import publish_many
 
 TOPICS = ["public.chaos.a", "public.chaos.b", "public.chaos.c", "public.chaos.d"]
 FAST_TOPIC = "public.chaos.fast"
@@ -149,6 +152,12 @@ class Chaos:
         self._releases: list[threading.Thread] = []
         self._publisher = threading.Thread(target=self._publish, daemon=True)
         self._client = redis.Redis(port=stack.redis_server.port, socket_timeout=2)
+        # No silent retries: redis-py would resend a batch whose reply was lost
+        # to a Redis restart, publishing it twice where the harness cannot see
+        # it; here the error surfaces and the batch is marked ambiguous.
+        self._publisher_client = redis.Redis(
+            port=stack.redis_server.port, socket_timeout=2, retry=Retry(NoBackoff(), 0)
+        )
         self.started = 0.0
 
     # -- clients ----------------------------------------------------------
@@ -187,12 +196,19 @@ class Chaos:
             while True:
                 try:
                     if not durable_done:
-                        self.stack.publish_many(body)
+                        publish_many(
+                            body, client=self._publisher_client, settings=self.stack.settings
+                        )
                         durable_done = True
                     fast = [(FAST_TOPIC, {"f": n})]
                     if self.heavy.is_set():
                         fast.append((HEAVY_TOPIC, HEAVY))
-                    self.stack.publish_many(fast, durable=False)
+                    publish_many(
+                        fast,
+                        durable=False,
+                        client=self._publisher_client,
+                        settings=self.stack.settings,
+                    )
                     break
                 except redis.RedisError:
                     # Redis restarting: retry. A durable batch whose replies
@@ -376,6 +392,7 @@ class Chaos:
             if watcher.client is not None:
                 watcher.client.disconnect()
         self._client.close()
+        self._publisher_client.close()
 
 
 def fixed_schedule(chaos: Chaos) -> list[tuple[float, Callable[[], None]]]:
