@@ -225,6 +225,20 @@ class QueueManager(socketio.RedisManager):
         # then catches up from history as after any outage.
         follow_master(self.redis)
 
+    def _publish(self, data: Any) -> None:
+        """Publish to the other workers through the app's Redis client, once.
+
+        python-socketio's version reconnects on a failed publish by calling
+        `_redis_connect`, which replaces the pub/sub object the listening loop
+        reads: the worker would poll a pub/sub subscribed to nothing and hear
+        the queue no more, while looking healthy. (A web worker publishes
+        rarely: an emit to a sid it does not hold.)
+        """
+        try:
+            self._history.publish(self.channel, self.json.dumps(data))
+        except redis.RedisError as exc:
+            log.warning("message queue: publish failed (%s); not delivered to other workers", exc)
+
     def close(self) -> None:
         """End the listening loop (tests; a worker simply exits)."""
         self._closed = True
