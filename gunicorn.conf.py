@@ -15,7 +15,7 @@ bind = [_settings.bind]  # TIDINGS_BIND, or 0.0.0.0:$PORT on platforms that set 
 
 # gevent-websocket's worker: it calls gevent's patch_all() in each worker
 # after fork and serves websocket upgrades (plain `-k gevent` cannot).
-worker_class = "geventwebsocket.gunicorn.workers.GeventWebSocketWorker"
+worker_class = "webapp.worker.GeventWebSocketWorker"  # that one, reading websockets via 512 B
 # WEB_CONCURRENCY, default 1. More than one worker needs websocket-only
 # clients or sticky sessions: a long-polling session lives in one worker.
 workers = _settings.web_concurrency

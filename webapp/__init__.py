@@ -2,22 +2,41 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flask import Flask
-from gevent import monkey
-
-from tidings.connection import connect
-from tidings.logs import configure
-from tidings.settings import Settings, load_or_exit
-from webapp import api, backpressure, cli, dashboard, doctor, health, metrics, ops, realtime
-from webapp.extensions import socketio
-from webapp.origins import allowed_origins
-from webapp.queue import QueueManager
+if TYPE_CHECKING:
+    from flask import Flask
 
 
 def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     """Build the app; `test_config` may carry `SETTINGS`, `ASYNC_MODE`, `SUBSCRIBE_QUEUE`."""
+    # Imported here, not at the top: gunicorn's master imports the worker
+    # class (`webapp.worker`), hence this package, before any worker has
+    # called gevent's patch_all(). Flask, redis-py, urllib3 and the rest must
+    # first be imported in a patched worker, or they keep unpatched locks
+    # and queues.
+    from flask import Flask
+    from gevent import monkey
+
+    from tidings.connection import connect
+    from tidings.logs import configure
+    from tidings.settings import Settings, load_or_exit
+    from webapp import (
+        api,
+        backpressure,
+        cli,
+        dashboard,
+        doctor,
+        health,
+        metrics,
+        ops,
+        pings,
+        realtime,
+    )
+    from webapp.extensions import socketio
+    from webapp.origins import allowed_origins
+    from webapp.queue import QueueManager
+
     app = Flask(__name__)
     serving = monkey.is_module_patched("socket")  # inside gunicorn's gevent worker
     app.config.from_mapping(
@@ -65,6 +84,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         max_packets=settings.client_queue_packets,
         max_bytes=settings.client_queue_bytes,
     )
+    pings.install()
     for feature in (realtime, health, api, dashboard, cli, metrics, ops, doctor):
         feature.init_app(app)
     return app

@@ -3,6 +3,13 @@
 Every handler answers bad input with one of the contract's errors and never
 raises: a handler exception would only be logged by python-socketio, but the
 client would wait for an ack that never comes.
+
+The handlers are registered on python-socketio's server directly, with the
+Flask app captured, not through Flask-SocketIO's `on_event`: its wrapper
+pushes a request context (werkzeug URL matching, a session) for every event,
+which was the largest single cost of a connect and a subscribe (bench/PROFILE.md,
+finding 3). None of them needs Flask's request: python-socketio passes the sid,
+and the WSGI environ to `connect`.
 """
 
 from __future__ import annotations
@@ -14,20 +21,22 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+import flask_socketio
 import redis
-from flask import Flask, current_app, request
-from flask_socketio import ConnectionRefusedError, join_room, leave_room
+import socketio
+from flask import Flask
 
 from tidings import metrics
 from tidings.history import recover
 from tidings.keys import room
 from tidings.settings import Settings
 from tidings.topics import is_valid_topic
-from webapp.extensions import socketio
+from webapp import extensions
 from webapp.grants import Grant, InvalidToken, decode_token, grant_for
 
 log = logging.getLogger("tidings.realtime")
 
+NAMESPACE = "/"
 SWEEP_SECONDS = 1.0
 # How long a `subscribe` waits for this worker's message-queue subscription
 # before answering `unavailable` (clients retry): under the clients' ack timeouts.
@@ -61,172 +70,183 @@ class Connections:
 
     by_sid: dict[str, Connection] = field(default_factory=dict)
     per_ip: Counter[str] = field(default_factory=Counter)
+    # The sids whose token or a channel token can expire: all the sweeper
+    # walks each second (walking every connection was 6% of a worker's CPU
+    # with 5,000 anonymous ones, which never expire).
+    expiring: set[str] = field(default_factory=set)
     sweeper_lock: threading.Lock = field(default_factory=threading.Lock)
     sweeping: bool = False
-
-
-def _connections() -> Connections:
-    return current_app.extensions["tidings.connections"]
 
 
 def _error(error: str) -> dict[str, Any]:
     return {"ok": False, "error": error}
 
 
-def _settings() -> Settings:
-    return current_app.extensions["tidings.settings"]
+class Handlers:
+    """The Socket.IO event handlers of one app, called by python-socketio with the sid."""
 
+    def __init__(self, app: Flask, server: socketio.Server) -> None:
+        self.app = app
+        self.server = server
+        self.settings: Settings = app.extensions["tidings.settings"]
+        self.connections: Connections = app.extensions["tidings.connections"]
 
-def on_connect(auth: Any = None) -> None:
-    """Accept a connection, with a token's grant when one is given."""
-    settings = _settings()
-    connections = _connections()
-    ip = request.remote_addr or "?"
-    if connections.per_ip[ip] >= settings.max_connections_per_ip:
-        log.warning("refused a connection: %s has %d already", ip, connections.per_ip[ip])
-        metrics.limit_hit("connections_per_ip")
-        raise ConnectionRefusedError("limit")
-    grant = Grant()
-    if isinstance(auth, dict) and auth.get("token") is not None:
+    def connect(self, sid: str, environ: dict[str, Any], auth: Any = None) -> None:
+        """Accept a connection, with a token's grant when one is given."""
+        settings = self.settings
+        connections = self.connections
+        ip = environ.get("REMOTE_ADDR") or "?"
+        if connections.per_ip[ip] >= settings.max_connections_per_ip:
+            log.warning("refused a connection: %s has %d already", ip, connections.per_ip[ip])
+            metrics.limit_hit("connections_per_ip")
+            raise socketio.exceptions.ConnectionRefusedError("limit")
+        grant = Grant()
+        if isinstance(auth, dict) and auth.get("token") is not None:
+            try:
+                grant = grant_for(decode_token(auth["token"], settings))
+            except InvalidToken as exc:
+                log.info("refused a connection: invalid token (%s)", exc)
+                raise socketio.exceptions.ConnectionRefusedError("invalid_token") from None
+        connections.by_sid[sid] = Connection(grant, ip, allowance=float(settings.subscribe_rate))
+        connections.per_ip[ip] += 1
+        if grant.expires_at is not None:
+            connections.expiring.add(sid)
+        _start_sweeper(self)
+
+    def disconnect(self, sid: str, *_: Any) -> None:
+        """Forget a connection's state."""
+        connections = self.connections
+        connection = connections.by_sid.pop(sid, None)
+        connections.expiring.discard(sid)
+        if connection is not None:
+            for topic in connection.grant.topics:
+                metrics.subscription_changed(topic, -1)
+            connections.per_ip[connection.ip] -= 1
+            if connections.per_ip[connection.ip] <= 0:
+                del connections.per_ip[connection.ip]
+
+    def subscribe(self, sid: str, payload: Any = None, *_: Any) -> dict[str, Any]:
+        """Join a topic's room and answer with its offset and, with `since`, what was missed."""
+        settings = self.settings
+        connection = self.connections.by_sid.get(sid)
+        if connection is None or not isinstance(payload, dict):
+            return _error("invalid_topic")
+        if not connection.take(settings.subscribe_rate):
+            metrics.limit_hit("subscribe_rate")
+            return _error("limit")
+        topic = payload.get("topic")
+        if not is_valid_topic(topic):
+            return _error("invalid_topic")
+        grant = connection.grant
+        expires: float | None = None
+        if not grant.allows(topic, settings.public_topics):
+            # A channel token: a grant for topics given after the connection was made.
+            channel_token = payload.get("token")
+            try:
+                if channel_token is None:
+                    raise InvalidToken("no channel token")
+                claims = decode_token(channel_token, settings)
+            except InvalidToken:
+                log.info("forbidden: sub=%s topic=%s", grant.sub, topic)
+                return _error("forbidden")
+            if not grant_for(claims).allows(topic, ()) or (grant.sub and grant.sub != claims.sub):
+                log.info("forbidden: sub=%s topic=%s (channel token)", grant.sub, topic)
+                return _error("forbidden")
+            expires = claims.expires_at
+        new = topic not in grant.topics
+        if new and len(grant.topics) >= settings.max_subscriptions:
+            metrics.limit_hit("subscriptions")
+            return _error("limit")
+        # Looked up per call: tests swap the manager after the app is built.
+        manager = self.app.extensions["tidings.queue"]
+        if manager is not None and not manager.wait_subscribed(SUBSCRIBED_WAIT_SECONDS):
+            # This worker is not hearing the queue (starting, or Redis is away):
+            # history read now could miss what is forwarded before it hears again.
+            log.warning("subscribe %s: this worker is not subscribed to the message queue", topic)
+            return _error("unavailable")
+        # Join before reading history: a publication in between then arrives
+        # twice (live and recovered) and the client drops the copy by offset;
+        # reading first could lose it.
+        self.server.enter_room(sid, room(topic), namespace=NAMESPACE)
+        grant.topics[topic] = expires
+        if expires is not None:
+            self.connections.expiring.add(sid)
         try:
-            grant = grant_for(decode_token(auth["token"], settings))
-        except InvalidToken as exc:
-            log.info("refused a connection: invalid token (%s)", exc)
-            raise ConnectionRefusedError("invalid_token") from None
-    connections.by_sid[request.sid] = Connection(
-        grant, ip, allowance=float(settings.subscribe_rate)
-    )
-    connections.per_ip[ip] += 1
-    _start_sweeper(current_app._get_current_object(), connections)  # type: ignore[attr-defined]
+            recovery = recover(
+                self.app.extensions["tidings.redis"],
+                topic,
+                payload.get("since"),
+                history_size=settings.history_size,
+            )
+        except redis.RedisError as exc:
+            self.server.leave_room(sid, room(topic), namespace=NAMESPACE)
+            grant.topics.pop(topic, None)
+            log.warning("subscribe %s: Redis unavailable (%s)", topic, exc)
+            return _error("unavailable")
+        if manager is not None:
+            manager.note_offset(topic, recovery.offset)
+        if new:
+            metrics.subscription_changed(topic, 1)
+        return {
+            "ok": True,
+            "topic": topic,
+            "offset": recovery.offset,
+            "recovered": recovery.recovered,
+            "publications": recovery.publications,
+        }
 
-
-def on_disconnect(*_: Any) -> None:
-    """Forget a connection's state."""
-    connections = _connections()
-    connection = connections.by_sid.pop(request.sid, None)
-    if connection is not None:
-        for topic in connection.grant.topics:
+    def unsubscribe(self, sid: str, payload: Any = None, *_: Any) -> dict[str, Any]:
+        """Leave a topic's room."""
+        topic = payload.get("topic") if isinstance(payload, dict) else None
+        if not is_valid_topic(topic):
+            return _error("invalid_topic")
+        self.server.leave_room(sid, room(topic), namespace=NAMESPACE)
+        connection = self.connections.by_sid.get(sid)
+        if connection is not None and topic in connection.grant.topics:
+            connection.grant.topics.pop(topic)
             metrics.subscription_changed(topic, -1)
-        connections.per_ip[connection.ip] -= 1
-        if connections.per_ip[connection.ip] <= 0:
-            del connections.per_ip[connection.ip]
+        return {"ok": True}
 
-
-def on_subscribe(payload: Any = None, *_: Any) -> dict[str, Any]:
-    """Join a topic's room and answer with its offset and, with `since`, what was missed."""
-    settings = _settings()
-    connection = _connections().by_sid.get(request.sid)
-    if connection is None or not isinstance(payload, dict):
-        return _error("invalid_topic")
-    if not connection.take(settings.subscribe_rate):
-        metrics.limit_hit("subscribe_rate")
-        return _error("limit")
-    topic = payload.get("topic")
-    if not is_valid_topic(topic):
-        return _error("invalid_topic")
-    grant = connection.grant
-    expires: float | None = None
-    if not grant.allows(topic, settings.public_topics):
-        # A channel token: a grant for topics given after the connection was made.
-        channel_token = payload.get("token")
+    def refresh(self, sid: str, payload: Any = None, *_: Any) -> dict[str, Any]:
+        """Replace the connection's token with a fresh one for the same user."""
+        connection = self.connections.by_sid.get(sid)
+        token = payload.get("token") if isinstance(payload, dict) else None
+        if connection is None:
+            return _error("invalid_token")
         try:
-            if channel_token is None:
-                raise InvalidToken("no channel token")
-            claims = decode_token(channel_token, settings)
-        except InvalidToken:
-            log.info("forbidden: sub=%s topic=%s", grant.sub, topic)
-            return _error("forbidden")
-        if not grant_for(claims).allows(topic, ()) or (grant.sub and grant.sub != claims.sub):
-            log.info("forbidden: sub=%s topic=%s (channel token)", grant.sub, topic)
-            return _error("forbidden")
-        expires = claims.expires_at
-    new = topic not in grant.topics
-    if new and len(grant.topics) >= settings.max_subscriptions:
-        metrics.limit_hit("subscriptions")
-        return _error("limit")
-    manager = current_app.extensions["tidings.queue"]
-    if manager is not None and not manager.wait_subscribed(SUBSCRIBED_WAIT_SECONDS):
-        # This worker is not hearing the queue (starting, or Redis is away):
-        # history read now could miss what is forwarded before it hears again.
-        log.warning("subscribe %s: this worker is not subscribed to the message queue", topic)
-        return _error("unavailable")
-    # Join before reading history: a publication in between then arrives
-    # twice (live and recovered) and the client drops the copy by offset;
-    # reading first could lose it.
-    join_room(room(topic))
-    grant.topics[topic] = expires
-    try:
-        recovery = recover(
-            current_app.extensions["tidings.redis"],
-            topic,
-            payload.get("since"),
-            history_size=settings.history_size,
-        )
-    except redis.RedisError as exc:
-        leave_room(room(topic))
-        grant.topics.pop(topic, None)
-        log.warning("subscribe %s: Redis unavailable (%s)", topic, exc)
-        return _error("unavailable")
-    if manager is not None:
-        manager.note_offset(topic, recovery.offset)
-    if new:
-        metrics.subscription_changed(topic, 1)
-    return {
-        "ok": True,
-        "topic": topic,
-        "offset": recovery.offset,
-        "recovered": recovery.recovered,
-        "publications": recovery.publications,
-    }
+            claims = decode_token(token, self.settings)
+        except InvalidToken as exc:
+            log.info("refresh refused: sub=%s (%s)", connection.grant.sub, exc)
+            return _error("invalid_token")
+        old = connection.grant
+        if old.sub is not None and claims.sub != old.sub:
+            log.warning("refresh refused: token for sub=%s on sub=%s", claims.sub, old.sub)
+            return _error("invalid_token")
+        fresh = grant_for(claims)
+        fresh.topics = old.topics
+        connection.grant = fresh
+        self.connections.expiring.add(sid)  # a token always has `exp`
+        return {"ok": True, "expires": int(claims.expires_at)}
 
 
-def on_unsubscribe(payload: Any = None, *_: Any) -> dict[str, Any]:
-    """Leave a topic's room."""
-    topic = payload.get("topic") if isinstance(payload, dict) else None
-    if not is_valid_topic(topic):
-        return _error("invalid_topic")
-    leave_room(room(topic))
-    connection = _connections().by_sid.get(request.sid)
-    if connection is not None and topic in connection.grant.topics:
-        connection.grant.topics.pop(topic)
-        metrics.subscription_changed(topic, -1)
-    return {"ok": True}
-
-
-def on_refresh(payload: Any = None, *_: Any) -> dict[str, Any]:
-    """Replace the connection's token with a fresh one for the same user."""
-    connection = _connections().by_sid.get(request.sid)
-    token = payload.get("token") if isinstance(payload, dict) else None
-    if connection is None:
-        return _error("invalid_token")
-    try:
-        claims = decode_token(token, _settings())
-    except InvalidToken as exc:
-        log.info("refresh refused: sub=%s (%s)", connection.grant.sub, exc)
-        return _error("invalid_token")
-    old = connection.grant
-    if old.sub is not None and claims.sub != old.sub:
-        log.warning("refresh refused: token for sub=%s on sub=%s", claims.sub, old.sub)
-        return _error("invalid_token")
-    fresh = grant_for(claims)
-    fresh.topics = old.topics
-    connection.grant = fresh
-    return {"ok": True, "expires": int(claims.expires_at)}
-
-
-def _sweep(app: Flask, connections: Connections) -> None:
+def _sweep(handlers: Handlers) -> None:
     """Tell connections whose token expired, and cut them after the grace period."""
-    settings = app.extensions["tidings.settings"]
     while True:
-        socketio.sleep(SWEEP_SECONDS)
+        handlers.server.sleep(SWEEP_SECONDS)
         try:
-            _sweep_once(connections, settings, time.time())
+            _sweep_once(handlers.server, handlers.connections, handlers.settings, time.time())
         except Exception:  # never let one bad connection stop expiry for all
             log.exception("token expiry sweep failed; retrying")
 
 
-def _sweep_once(connections: Connections, settings: Settings, now: float) -> None:
-    for sid, connection in list(connections.by_sid.items()):
+def _sweep_once(
+    server: socketio.Server, connections: Connections, settings: Settings, now: float
+) -> None:
+    for sid in list(connections.expiring):
+        connection = connections.by_sid.get(sid)
+        if connection is None:  # gone between the copy and now
+            connections.expiring.discard(sid)
+            continue
         grant = connection.grant
         for topic, expires in list(grant.topics.items()):
             if (
@@ -237,30 +257,56 @@ def _sweep_once(connections: Connections, settings: Settings, now: float) -> Non
                 # A channel token ran out: that subscription ends.
                 grant.topics.pop(topic, None)
                 metrics.subscription_changed(topic, -1)
-                socketio.server.leave_room(sid, room(topic), namespace="/")
-                socketio.emit("token_expired", {"topic": topic}, to=sid)
+                server.leave_room(sid, room(topic), namespace=NAMESPACE)
+                server.emit("token_expired", {"topic": topic}, to=sid, namespace=NAMESPACE)
+        if grant.expires_at is None and all(e is None for e in grant.topics.values()):
+            connections.expiring.discard(sid)  # nothing of it can expire any more
         if grant.expires_at is None or grant.expires_at > now:
             grant.expiry_notified_at = None
         elif grant.expiry_notified_at is None:
             grant.expiry_notified_at = now
-            socketio.emit("token_expired", {"grace": settings.token_grace}, to=sid)
+            server.emit(
+                "token_expired", {"grace": settings.token_grace}, to=sid, namespace=NAMESPACE
+            )
         elif now - grant.expiry_notified_at >= settings.token_grace:
             log.info("token expired: sub=%s cut after %ds grace", grant.sub, settings.token_grace)
-            socketio.server.disconnect(sid, namespace="/")
+            server.disconnect(sid, namespace=NAMESPACE)
 
 
-def _start_sweeper(app: Flask, connections: Connections) -> None:
+def _start_sweeper(handlers: Handlers) -> None:
+    connections = handlers.connections
+    if connections.sweeping:  # the common case, without the lock
+        return
     with connections.sweeper_lock:
         if not connections.sweeping:
             connections.sweeping = True
-            socketio.start_background_task(_sweep, app, connections)
+            handlers.server.start_background_task(_sweep, handlers)
+
+
+class _InPlaceMiddleware(flask_socketio._SocketIOMiddleware):
+    """Flask-SocketIO's WSGI middleware, adding `flask.app` to the environ in place.
+
+    Flask-SocketIO copies every request's environ to add that key, and
+    python-socketio keeps the copy for a websocket's whole life next to the
+    server's own: 0.8 KB per idle connection. A WSGI server makes a fresh
+    environ for each request, so the copy protects nothing.
+    """
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        environ["flask.app"] = self.flask_app
+        return socketio.WSGIApp.__call__(self, environ, start_response)
 
 
 def init_app(app: Flask) -> None:
-    """Register the Socket.IO handlers."""
+    """Register the Socket.IO handlers on the server `socketio.init_app` made for `app`."""
     app.extensions["tidings.connections"] = Connections()
-    socketio.on_event("connect", on_connect)
-    socketio.on_event("disconnect", on_disconnect)
-    socketio.on_event("subscribe", on_subscribe)
-    socketio.on_event("unsubscribe", on_unsubscribe)
-    socketio.on_event("refresh", on_refresh)
+    if type(app.wsgi_app) is flask_socketio._SocketIOMiddleware:
+        app.wsgi_app.__class__ = _InPlaceMiddleware  # same object, same state
+    server = extensions.socketio.server
+    handlers = Handlers(app, server)
+    app.extensions["tidings.realtime"] = handlers
+    server.on("connect", handlers.connect, namespace=NAMESPACE)
+    server.on("disconnect", handlers.disconnect, namespace=NAMESPACE)
+    server.on("subscribe", handlers.subscribe, namespace=NAMESPACE)
+    server.on("unsubscribe", handlers.unsubscribe, namespace=NAMESPACE)
+    server.on("refresh", handlers.refresh, namespace=NAMESPACE)

@@ -188,3 +188,27 @@ def test_publish_api_limits(make_app) -> None:
     three = [{"topic": "public.a", "data": i} for i in range(3)]
     assert http.post("/api/publish", json=three, headers=auth).status_code == 400
     assert http.post("/api/publish", json=three[:2], headers=auth).status_code == 202
+
+
+def test_an_expired_channel_token_ends_that_subscription_only(make_app) -> None:
+    app = make_app()
+    connections = app.extensions["tidings.realtime"].connections
+    anonymous = connect(app)
+    assert subscribe(anonymous, {"topic": "public.news"})["ok"]
+    # Nothing of an anonymous connection on public topics can expire: not swept.
+    assert not connections.expiring
+    granted = subscribe(
+        anonymous, {"topic": "orders.7", "token": token(topics=["orders.7"], ttl=1)}
+    )
+    assert granted["ok"] and len(connections.expiring) == 1
+    wait_for(
+        lambda: any(
+            e["name"] == "token_expired" and e["args"] == [{"topic": "orders.7"}]
+            for e in anonymous.get_received()
+        ),
+        timeout=5,
+    )
+    assert anonymous.is_connected()
+    (sid,) = connections.by_sid
+    assert list(connections.by_sid[sid].grant.topics) == ["public.news"]
+    wait_for(lambda: not connections.expiring, timeout=5)  # and it is swept no more

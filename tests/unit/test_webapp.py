@@ -224,3 +224,31 @@ def test_subscribe_waits_for_the_workers_queue_subscription(
     finally:
         manager.close()
         loop.join(timeout=5)
+
+
+def test_handlers_are_called_by_python_socketio_directly(socket_app: Flask) -> None:
+    """No Flask-SocketIO wrapper: it would push a request context for every event."""
+    handlers = socket_app.extensions["tidings.realtime"]
+    registered = socketio.server.handlers["/"]
+    for event in ("connect", "disconnect", "subscribe", "unsubscribe", "refresh"):
+        assert registered[event] == getattr(handlers, event)
+    client = socketio.test_client(
+        socket_app,
+        headers={"X-Forwarded-For": "10.0.0.9"},
+        flask_test_client=socket_app.test_client(),  # its environ has a REMOTE_ADDR
+    )
+    # The client's own address (the environ's REMOTE_ADDR) counts, not a header.
+    assert set(handlers.connections.per_ip) == {"127.0.0.1"}
+    client.disconnect()
+    assert not handlers.connections.per_ip and not handlers.connections.by_sid
+
+
+def test_the_socketio_middleware_keeps_no_copy_of_the_environ(socket_app: Flask) -> None:
+    """A websocket's environ lives as long as it does: one per connection, not two."""
+    from werkzeug.test import EnvironBuilder
+
+    environ = EnvironBuilder(path="/healthz").get_environ()
+    statuses: list[str] = []
+    body = socket_app.wsgi_app(environ, lambda status, headers: statuses.append(status))
+    assert b"".join(body) and statuses == ["200 OK"]
+    assert environ["flask.app"] is socket_app
