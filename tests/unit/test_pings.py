@@ -76,3 +76,21 @@ def test_the_loop_outlives_a_socket_that_fails(
     healthy.schedule_ping()
     wait_for(lambda: not healthy.queue.empty(), timeout=5)
     assert sent(healthy) == [packet.PING]
+
+
+def test_the_loop_pings_in_gevent_mode_too() -> None:
+    """The serving worker's mode: the loop is a greenlet, idle on gevent's event between pings."""
+    import gevent
+
+    pings.install()
+    server = engineio.Server(async_mode="gevent", ping_interval=INTERVAL)
+    first, *others = [engineio.socket.Socket(server, f"s{i}") for i in range(20)]
+    first.schedule_ping()
+    gevent.sleep(INTERVAL * 1.5)
+    assert sent(first) == [packet.PING]
+    assert server.tidings_pings.idle  # nothing due: waiting to be woken
+    for sock in others:
+        sock.schedule_ping()
+    gevent.sleep(INTERVAL * 2)
+    assert all(sent(sock) == [packet.PING] for sock in others)
+    assert not server.tidings_pings.due
