@@ -22,9 +22,11 @@ import random
 import signal
 import socket
 import statistics
+import sys
 import tempfile
 import threading
 import time
+import traceback
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -60,6 +62,7 @@ class Watcher:
     delivered: dict[str, list[int]] = field(default_factory=dict)
     offsets: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
     raw: Counter[tuple[str, str]] = field(default_factory=Counter)
+    raw_n: dict[str, set[int]] = field(default_factory=dict)
     times: list[float] = field(default_factory=list)
     fast: int = 0
     client: TidingsClient | None = None
@@ -76,6 +79,9 @@ class Watcher:
 
     def on_raw(self, pub: dict[str, Any]) -> None:
         self.raw[(pub.get("topic"), pub.get("offset"))] += 1
+        data = pub.get("data")
+        if isinstance(data, dict) and "n" in data:
+            self.raw_n.setdefault(pub.get("topic"), set()).add(data["n"])
 
     def describe(self, topic: str) -> str:
         """The client's state for a topic, to tell why it missed something."""
@@ -314,10 +320,10 @@ class Chaos:
         def release_when_cut() -> None:
             # This connection's own cut: another client's would release it early.
             try:
-                wait_for(lambda: f"slow client cut: sid={eio_sid}" in web.log(), timeout=30)
+                wait_for(lambda: f"slow client cut: sid={eio_sid}" in web.log(), timeout=10)
                 self.faults.append(f"client 1 stalled until cut ({time.monotonic() - at:.1f}s)")
             except BaseException:  # pytest's Failed: not cut (its worker died first)
-                self.faults.append("client 1 stalled, not cut within 30s")
+                self.faults.append("client 1 stalled, not cut within 10s")
             finally:
                 self.heavy.clear()
                 release.set()
@@ -330,10 +336,34 @@ class Chaos:
 
     # -- the run ------------------------------------------------------------------
 
+    def _watch_for_silence(self) -> None:
+        """Print where a client's reading thread is when it hears nothing while others do."""
+        reported: set[int] = set()
+        while self._publisher.is_alive():
+            time.sleep(1)
+            newest = max((w.times[-1] for w in self.watchers if w.times), default=0.0)
+            for watcher in self.watchers:
+                client = watcher.client
+                if client is None or not watcher.times or watcher.index in reported:
+                    continue
+                if newest - watcher.times[-1] < 6:
+                    continue
+                reported.add(watcher.index)
+                task = getattr(client.sio.eio, "read_loop_task", None)
+                frame = sys._current_frames().get(getattr(task, "ident", None) or -1)
+                where = "".join(traceback.format_stack(frame)[-8:]) if frame else "no read thread"
+                print(
+                    f"[silent] client {watcher.index} heard nothing for"
+                    f" {newest - watcher.times[-1]:.1f}s ({watcher.describe(TOPICS[0])}):\n{where}",
+                    flush=True,
+                )
+
     def run(self, schedule: list[tuple[float, Callable[[], None]]]) -> Report:
         """Publish, run each fault at its time (seconds after start), then count."""
         self.started = time.monotonic()
         self._publisher.start()
+        if logging.getLogger("tidings.client").isEnabledFor(logging.DEBUG):
+            threading.Thread(target=self._watch_for_silence, daemon=True).start()
         for at, fault in schedule:
             time.sleep(max(0.0, self.started + at - time.monotonic()))
             fault()
@@ -370,9 +400,12 @@ class Chaos:
                 gone = sorted(set(range(expected)) - set(got))
                 lost += len(gone)
                 if gone:
+                    at = next((i for i, n in enumerate(got) if n > gone[0]), len(got))
                     missing.append(
                         f"client {watcher.index} {topic} n={gone[:10]}"
-                        f" ({len(gone)} in all; {watcher.describe(topic)})"
+                        f" ({len(gone)} in all, {len(set(gone) & watcher.raw_n.get(topic, set()))}"
+                        f" of them seen on the wire; got around it: {got[max(0, at - 3) : at + 5]};"
+                        f" {watcher.describe(topic)})"
                     )
                 twice = [n for n in got if n not in self.ambiguous.get(topic, set())]
                 duplicated += len(twice) - len(set(twice))
