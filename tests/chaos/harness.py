@@ -15,6 +15,7 @@ allowed to be lost during faults.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import itertools
 import logging
 import os
@@ -26,7 +27,6 @@ import sys
 import tempfile
 import threading
 import time
-import traceback
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -337,26 +337,37 @@ class Chaos:
     # -- the run ------------------------------------------------------------------
 
     def _watch_for_silence(self) -> None:
-        """Print where a client's reading thread is when it hears nothing while others do."""
+        """Print every thread's stack when a client hears nothing while others do."""
         reported: set[int] = set()
+        heard: dict[int, tuple[int, float]] = {}  # client: (deliveries, when they last grew)
         while self._publisher.is_alive():
             time.sleep(1)
-            newest = max((w.times[-1] for w in self.watchers if w.times), default=0.0)
+            now = time.monotonic()
             for watcher in self.watchers:
-                client = watcher.client
-                if client is None or not watcher.times or watcher.index in reported:
-                    continue
-                if newest - watcher.times[-1] < 6:
+                count = len(watcher.times)
+                if heard.get(watcher.index, (-1, 0.0))[0] != count:
+                    heard[watcher.index] = (count, now)
+            others = max((at for _, at in heard.values()), default=now)
+            for watcher in self.watchers:
+                silent = others - heard[watcher.index][1]
+                if watcher.client is None or watcher.index in reported or silent < 5:
                     continue
                 reported.add(watcher.index)
-                task = getattr(client.sio.eio, "read_loop_task", None)
-                frame = sys._current_frames().get(getattr(task, "ident", None) or -1)
-                where = "".join(traceback.format_stack(frame)[-8:]) if frame else "no read thread"
+                # No client method here: they take the client's lock, which a
+                # stuck client may hold.
+                eio = watcher.client.sio.eio
+                task = getattr(eio, "read_loop_task", None)
                 print(
-                    f"[silent] client {watcher.index} heard nothing for"
-                    f" {newest - watcher.times[-1]:.1f}s ({watcher.describe(TOPICS[0])}):\n{where}",
+                    f"[silent] client {watcher.index} (engine.io sid {eio.sid}, read thread"
+                    f" {getattr(task, 'name', None)}) heard nothing for {silent:.1f}s"
+                    " while others did; all threads:",
                     flush=True,
                 )
+                faulthandler.dump_traceback(file=sys.stdout, all_threads=True)
+                self.on_silence(eio.sid)
+
+    def on_silence(self, eio_sid: str | None) -> None:
+        """Hook for a debugging session: a client went silent (does nothing here)."""
 
     def run(self, schedule: list[tuple[float, Callable[[], None]]]) -> Report:
         """Publish, run each fault at its time (seconds after start), then count."""
