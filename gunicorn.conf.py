@@ -3,9 +3,18 @@
 import glob
 import os
 import shutil
+import sys
 import tempfile
 
-from tidings.settings import load_or_exit
+# The web tier parses Redis replies in Python; hiredis is for the Celery
+# worker's listener. redis-py's hiredis parser asks select.poll() whether a
+# reply is waiting, and under gevent every such poll is a trip through the hub
+# (two per queue message, one per pool checkout): more CPU than hiredis saves,
+# and the switches let other greenlets run first. Hiding the module here, in
+# the master before any worker forks, makes redis-py pick its own parser.
+sys.modules.setdefault("hiredis", None)
+
+from tidings.settings import load_or_exit  # noqa: E402
 
 _settings = load_or_exit()
 
@@ -41,7 +50,9 @@ timeout = 30
 # gevent's monitor thread reports an event loop blocked longer than
 # GEVENT_MAX_BLOCKING_TIME (default 0.1 s): /metrics counts it as
 # tidings_gevent_hub_blocked_total and the worker logs one line. Its stack
-# dumps stay off unless asked for (GEVENT_MONITOR_PRINT_BLOCKING_REPORTS=true).
+# dumps stay off unless asked for (GEVENT_MONITOR_PRINT_BLOCKING_REPORTS=true),
+# and off, webapp/metrics.py keeps gevent from building them at all: a walk of
+# every greenlet on the heap per block, which itself blocks a busy worker.
 # Set before any worker starts: gevent reads them when its hub starts.
 os.environ.setdefault("GEVENT_MONITOR_THREAD_ENABLE", "true")
 os.environ.setdefault("GEVENT_MONITOR_PRINT_BLOCKING_REPORTS", "false")

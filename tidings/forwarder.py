@@ -15,10 +15,16 @@ lets the offsets go out in the same step that allocates them. It carries one
 more top-level key, `tidings`, that python-socketio ignores and clients never
 see: the batch's source path, each publication's entry time (ms, for the web
 tier's publish-to-send latency) and the size of the publications list.
+
+A forwarder sends its `EVALSHA` on a connection of its own, packed once per
+batch, and reads the reply itself: redis-py's command path (pool checkout and
+return, retry wrapper, per-argument encoding, observability hooks) cost more
+CPU than the script itself when publications arrive one by one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import uuid
@@ -26,6 +32,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import redis
+from redis.connection import AbstractConnection
+
+try:
+    from hiredis import pack_command as _hiredis_pack
+except ImportError:  # redis-py without its hiredis extra: its own packer
+    _hiredis_pack = None
 
 from tidings.keys import (
     INGEST_GROUP,
@@ -117,12 +129,18 @@ class Publication:
     entered_ms: int | None = None
 
 
+_FORWARD_SHA = hashlib.sha1(FORWARD_SCRIPT.encode()).hexdigest()
+
+
 class Forwarder:
-    """Forwards batches of publications through the atomic script."""
+    """Forwards batches of publications through the atomic script.
+
+    Not thread-safe: each forwarding loop has its own (and its own connection).
+    """
 
     def __init__(self, client: redis.Redis, *, history_size: int, history_ttl: int) -> None:
         self._client = client
-        self._script = client.register_script(FORWARD_SCRIPT)
+        self._connection: AbstractConnection | None = None
         self._history_size = str(history_size)
         self._history_ttl = str(history_ttl)
         host_id = f"tidings-{uuid.uuid4().hex}"
@@ -188,12 +206,66 @@ class Forwarder:
                     "null" if entered is None else str(int(entered)),
                 ]
         try:
-            offsets = self._script(keys=keys, args=args)
+            offsets = self._run(keys, args)
         except redis.ResponseError as exc:
             if str(exc).startswith("FENCED"):
                 raise Fenced(str(exc)) from None
             raise
         return [offset.decode() for offset in offsets]
+
+    def close(self) -> None:
+        """Give the forwarder's connection back to its client's pool."""
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            self._client.connection_pool.release(connection)
+
+    def _run(self, keys: list[str], args: list[str | bytes]) -> list[bytes]:
+        """Run the script on this forwarder's connection: one packed EVALSHA, one reply."""
+        command = ("EVALSHA", _FORWARD_SHA, len(keys), *keys, *args)
+        connection = self._checked_out()
+        try:
+            # hiredis packs the whole command in C; redis-py's wrapper around
+            # it first walks every argument in Python.
+            packed = (
+                [_hiredis_pack(command)] if _hiredis_pack else connection.pack_command(*command)
+            )
+            connection.send_packed_command(packed)
+            try:
+                return connection.read_response()
+            except redis.exceptions.NoScriptError:
+                # A restarted (or flushed) Redis lost the script: load it and
+                # run the batch once more; nothing of it ran.
+                connection.send_command("SCRIPT", "LOAD", FORWARD_SCRIPT)
+                connection.read_response()
+                connection.send_packed_command(packed)
+                return connection.read_response()
+        except BaseException as exc:
+            # Anything but a script error may leave a reply unread, so the
+            # connection cannot be reused. Never sent again here: the script
+            # may have run, and a second run would forward the batch twice.
+            if not isinstance(exc, redis.ResponseError):
+                connection.disconnect()
+            raise
+
+    def _checked_out(self) -> AbstractConnection:
+        """Return this forwarder's connection, replaced if it broke while idle."""
+        connection = self._connection
+        if connection is None:
+            # The pool checks a connection it hands out, and connects it.
+            connection = self._connection = self._client.connection_pool.get_connection()
+            return connection
+        # The same check, each batch: a connection Redis closed while idle (a
+        # restart, CLIENT KILL) or whose socket the Sentinel watcher shut (a
+        # demoted master) would take the batch and fail on reading the reply,
+        # when whether the script ran is unknown. A fresh one is sure.
+        try:
+            connection.connect()  # no-op while connected
+            if connection.can_read(timeout=0):
+                raise redis.ConnectionError("unexpected data on an idle connection")
+        except (redis.ConnectionError, redis.TimeoutError, OSError):
+            connection.disconnect()
+            connection.connect()
+        return connection
 
 
 def now_ms() -> int:

@@ -107,6 +107,11 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _as_is(message: list) -> list:
+    """Hand a pub/sub push message to PubSub unchanged (see `_read_pubsub`)."""
+    return message
+
+
 def _fields(flat: list) -> dict[bytes, bytes]:
     """Turn a script's flat [field, value, ...] list into redis-py's dict."""
     return dict(zip(flat[::2], flat[1::2], strict=True))
@@ -265,11 +270,15 @@ class Listener:
             client = self._connect_until_up()
             if client is None:
                 return
-            pubsub = client.pubsub(ignore_subscribe_messages=True)
+            # redis-py's own push handler formats every message into a debug
+            # log line, logging on or off: a copy of each payload for nothing.
+            pubsub = client.pubsub(ignore_subscribe_messages=True, push_handler_func=_as_is)
+            forwarder = self._forwarder(client)
             with self._outage("pub/sub"):
                 pubsub.psubscribe(*self._patterns)
                 log.info("subscribed to %s", ", ".join(self._patterns))
-                self._pump_pubsub(pubsub, self._forwarder(client))
+                self._pump_pubsub(pubsub, forwarder)
+            forwarder.close()
             pubsub.close()
             client.close()
 
@@ -385,9 +394,11 @@ class Listener:
             client = self._connect_until_up()
             if client is None:
                 return
+            forwarder = self._forwarder(client)
             with self._outage("ingest"):
                 self._ensure_group(client)
-                self._pump_ingest(client, self._forwarder(client))
+                self._pump_ingest(client, forwarder)
+            forwarder.close()
             client.close()
 
     def _ensure_group(self, client: redis.Redis) -> None:

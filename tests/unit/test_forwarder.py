@@ -3,6 +3,7 @@ import json
 import pytest
 import redis
 
+from tidings.connection import connect
 from tidings.forwarder import Fenced, Forwarder, Publication
 from tidings.history import parse_offset, recover
 from tidings.keys import INGEST_GROUP, INGEST_STREAM, LEASE_KEY, SOCKETIO_CHANNEL
@@ -124,3 +125,97 @@ def test_recover_from_the_beginning_while_history_was_never_trimmed(
     assert whole.recovered and [p["data"] for p in whole.publications] == [0, 1, 2, 3]
     forwarder.forward([Publication("a", "4")])
     assert not recover(redis_client, "a", "0-0", history_size=5).recovered
+
+
+def test_a_forwarder_keeps_one_connection_for_all_its_batches(redis_server) -> None:
+    client = connect(redis_server.url(0), "listener")
+    checkouts: list[object] = []
+    get_connection = client.connection_pool.get_connection
+
+    def counted(*args, **kwargs):
+        checkouts.append(None)
+        return get_connection(*args, **kwargs)
+
+    client.connection_pool.get_connection = counted  # type: ignore[method-assign]
+    forwarder = Forwarder(client, history_size=5, history_ttl=100)
+    try:
+        for i in range(5):
+            forwarder.forward([Publication("a", str(i))])
+        assert len(checkouts) == 1
+        forwarder.close()
+        # A closed forwarder takes a connection again when it next forwards.
+        forwarder.forward([Publication("a", "5")])
+        assert len(checkouts) == 2
+    finally:
+        forwarder.close()
+        client.close()
+
+
+def test_a_redis_that_lost_the_script_gets_it_again(
+    redis_client: redis.Redis, forwarder: Forwarder
+) -> None:
+    forwarder.forward([Publication("a", "1")])
+    redis_client.script_flush()  # what a restart without persistence does
+    offsets = forwarder.forward([Publication("a", "2")])
+    assert len(offsets) == 1
+    assert [e[1][b"d"] for e in redis_client.xrange("tidings:history:a")] == [b"1", b"2"]
+
+
+def test_a_fenced_forward_leaves_the_connection_usable(
+    redis_client: redis.Redis, forwarder: Forwarder
+) -> None:
+    lease = Lease(redis_client, 5000, since_ms=0)
+    assert lease.acquire()
+    redis_client.set(LEASE_KEY, "someone else")
+    with pytest.raises(Fenced):
+        forwarder.forward([Publication("a", "1")], lease_token=lease.token)
+    redis_client.set(LEASE_KEY, lease.token)
+    assert len(forwarder.forward([Publication("a", "2")], lease_token=lease.token)) == 1
+
+
+def test_a_connection_broken_while_idle_is_replaced_without_losing_the_batch(
+    redis_client: redis.Redis, forwarder: Forwarder
+) -> None:
+    forwarder.forward([Publication("a", "1")])
+    # What the Sentinel watcher does to the connections of a demoted master,
+    # and what a Redis restart does to an idle one.
+    for entry in redis_client.client_list():
+        if entry["name"] == "" and entry["id"] != str(redis_client.client_id()):
+            redis_client.client_kill_filter(_id=entry["id"])
+    assert len(forwarder.forward([Publication("a", "2")])) == 1
+    assert [e[1][b"d"] for e in redis_client.xrange("tidings:history:a")] == [b"1", b"2"]
+
+
+class _LostReply:
+    """A connection whose command goes out but whose reply never comes back."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+        self.disconnected = False
+
+    def connect(self) -> None:
+        pass
+
+    def can_read(self, timeout: float = 0) -> bool:
+        return False
+
+    def pack_command(self, *args: object) -> list[bytes]:
+        return [b"packed"]
+
+    def send_packed_command(self, packed: object) -> None:
+        self.sent += 1
+
+    def read_response(self) -> object:
+        raise redis.ConnectionError("connection reset while reading")
+
+    def disconnect(self) -> None:
+        self.disconnected = True
+
+
+def test_a_reply_lost_after_the_send_is_never_sent_again(forwarder: Forwarder) -> None:
+    # The script may have run: sending it again could forward the batch twice.
+    lost = _LostReply()
+    forwarder._connection = lost  # type: ignore[assignment]
+    with pytest.raises(redis.ConnectionError):
+        forwarder.forward([Publication("a", "1")])
+    assert lost.sent == 1 and lost.disconnected
