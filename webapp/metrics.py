@@ -182,6 +182,58 @@ def metrics_route() -> Response:
 # locks, no logging: the loop it reports on may hold them).
 _blocked: deque[str] = deque(maxlen=1000)
 _subscribed_to_gevent = False
+_counting_monitor: type | None = None
+
+
+def _counting_monitor_class() -> type:
+    """Return gevent's monitor thread class, made to report a blocked loop in one line."""
+    global _counting_monitor
+    if _counting_monitor is not None:
+        return _counting_monitor
+    from gevent import config
+    from gevent._monitor import PeriodicMonitoringThread
+    from gevent.events import EventLoopBlocked, notify
+
+    class CountingMonitor(PeriodicMonitoringThread):
+        """gevent's monitor thread, without the full report unless it is printed.
+
+        gevent builds the report of every block (a tree of all greenlets from
+        gc.get_objects(), formatted stacks) before it notifies EventLoopBlocked,
+        printed or not; with thousands of connections that walk holds the GIL
+        long enough to block the loop again. The counter needs only the event.
+        """
+
+        def monitor_blocking(self, hub: Any) -> Any:
+            if config.print_blocking_reports:  # GEVENT_MONITOR_PRINT_BLOCKING_REPORTS=true
+                return super().monitor_blocking(hub)
+            did_block = self._greenlet_tracer.did_block_hub(hub)
+            if not did_block:
+                return None
+            active = did_block[1]
+            report = [f"Greenlet {active!s} blocked the event loop"]
+            notify(EventLoopBlocked(active, config.max_blocking_time, report, hub=hub))
+            return self._show_blocking_report(hub, report, active)
+
+    _counting_monitor = CountingMonitor
+    return CountingMonitor
+
+
+def _count_blocks_without_reports() -> None:
+    """Make this process's gevent monitor thread a CountingMonitor, now and for new hubs."""
+    import gevent
+    from gevent import _monitor
+
+    counting = _counting_monitor_class()
+    # A hub starts its monitor from this name (Hub.start_periodic_monitoring_thread).
+    _monitor.PeriodicMonitoringThread = counting
+    hub = gevent.get_hub()
+    running = hub.periodic_monitoring_thread
+    if running is not None and not isinstance(running, counting):
+        # The hub ran before the app loaded: swap its monitor. Both calls
+        # belong in the hub's own thread, which this is (the worker's main one).
+        running.kill()
+        hub.periodic_monitoring_thread = None
+        hub.start_periodic_monitoring_thread()
 
 
 def _on_gevent_event(event: object) -> None:
@@ -284,6 +336,7 @@ def init_app(app: Flask) -> None:
     from gevent import monkey
 
     if monkey.is_module_patched("threading"):
+        _count_blocks_without_reports()
         _subscribe_to_gevent()
     sampler = Sampler(app)
     app.extensions["tidings.sampler"] = sampler

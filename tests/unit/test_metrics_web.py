@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
 from flask import Flask
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support import wait_for
+from tests.support import ROOT, wait_for
 from tidings import stats
 from tidings.keys import LEASE_KEY
 from tidings.lease import Lease
@@ -190,3 +195,96 @@ def test_connected_clients_and_subscriptions_are_sampled_from_the_rooms(
     two.disconnect()
     assert sampler.sample()["subscriptions"] == 1
     one.disconnect()
+
+
+# A serving worker in miniature: patched, the app built, then the hub blocked.
+_BLOCKED_HUB = """
+from gevent import monkey
+
+monkey.patch_all()
+
+import json
+import os
+import sys
+import time
+
+import gevent
+from gevent import events, util
+
+from tidings.settings import Settings
+from webapp import create_app
+
+# Every full report walks all greenlets through this function.
+reports = []
+format_greenlets = util._format_greenlet_info
+
+
+def counted(*args, **kwargs):
+    reports.append(1)
+    return format_greenlets(*args, **kwargs)
+
+
+util._format_greenlet_info = counted
+infos = []
+
+
+def on_event(event):
+    if isinstance(event, events.EventLoopBlocked):
+        infos.append(len(event.info))
+
+
+events.subscribers.append(on_event)
+if os.environ.get("HUB_FIRST"):
+    gevent.sleep(0.01)  # the hub, and gevent's own monitor, run before the app loads
+app = create_app({"SETTINGS": Settings.from_env({"TIDINGS_REDIS_URL": sys.argv[1]})})
+sampler = app.extensions["tidings.sampler"]
+gevent.sleep(0.3)
+before = (sampler.hub_blocked, len(reports), len(infos))
+end = time.perf_counter() + 0.5
+while time.perf_counter() < end:  # no I/O, no switch: the hub is blocked
+    pass
+deadline = time.monotonic() + 5
+while sampler.hub_blocked == before[0] and time.monotonic() < deadline:
+    gevent.sleep(0.1)
+app.extensions["tidings.queue"].close()
+print(json.dumps({
+    "counted": sampler.hub_blocked - before[0],
+    "reports": len(reports) - before[1],
+    "info_lines": infos[before[2]:],
+}))
+"""
+
+
+@pytest.mark.parametrize(
+    ("print_reports", "hub_first"), [("false", False), ("false", True), ("true", False)]
+)
+def test_a_blocked_hub_is_counted_without_building_gevents_report(
+    redis_server, tmp_path: Path, print_reports: str, hub_first: bool
+) -> None:
+    script = tmp_path / "blocked_hub.py"
+    script.write_text(_BLOCKED_HUB)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "GEVENT_MONITOR_THREAD_ENABLE": "true",
+        "GEVENT_MAX_BLOCKING_TIME": "0.1",
+        "GEVENT_MONITOR_PRINT_BLOCKING_REPORTS": print_reports,
+    }
+    if hub_first:
+        env["HUB_FIRST"] = "1"
+    done = subprocess.run(
+        [sys.executable, str(script), redis_server.url(0)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found["counted"] >= 1  # tidings_gevent_hub_blocked_total moved
+    if print_reports == "true":  # asked for: gevent's full report, printed
+        assert found["reports"] >= 1 and min(found["info_lines"]) > 1
+        assert "appears to be blocked" in done.stderr
+    else:
+        assert found["reports"] == 0 and found["info_lines"] == [1] * len(found["info_lines"])
+        assert "appears to be blocked" not in done.stderr
