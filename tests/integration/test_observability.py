@@ -352,7 +352,8 @@ def _unready(stack: Stack) -> dict[str, Any] | None:
 def test_the_lease_holder_label_names_the_forwarding_process(stack: Stack) -> None:
     holder = current_holder(stack.redis())
     assert holder is not None
-    (listener,) = topic_listeners(stack)
+    # The lease is taken before the pattern subscription shows in CLIENT LIST.
+    (listener,) = wait_for(lambda: topic_listeners(stack))
     assert pid_of(listener) == holder.pid
     found = scrape(stack)
     assert found[("tidings_listener_up", ())] == 1
