@@ -65,7 +65,7 @@ format: install ## ruff: fix what can be fixed and format.
 
 lock: ## Re-resolve requirements.lock from pyproject.toml.
 	$(BIN)/python -m pip install -q uv && $(BIN)/uv pip compile pyproject.toml --extra dev \
-		--generate-hashes --python $(BIN)/python -o requirements.lock
+		--generate-hashes --python $(BIN)/python --custom-compile-command "make lock" -o requirements.lock
 
 bench: install ## Benchmark Tidings, the naive app and a Node peer (< 10 min; needs node): rewrites bench/RESULTS.md.
 	PATH="$(BIN):$$PATH" $(BIN)/python -m bench
