@@ -46,6 +46,16 @@ def subscribe(page: Page, topic: str) -> None:
     expect(acked).to_be_visible(timeout=TIMEOUT)
 
 
+def first_publication_shown(page: Page, stack) -> str:
+    """Open the dashboard on a fresh topic and see its first publication; return the topic."""
+    topic = fresh_topic()
+    open_dashboard(page, stack)
+    subscribe(page, topic)
+    stack.publish(topic, {"n": 1})
+    expect(rows(page, topic)).to_have_count(1, timeout=TIMEOUT)
+    return topic
+
+
 def rows(page: Page, topic: str):
     return page.locator(f'#publications .publication[data-topic="{topic}"]')
 
@@ -74,11 +84,7 @@ def test_live_publication_appears(page: Page, stack) -> None:
 
 
 def test_restart_recovers_missed_publications(page: Page, stack) -> None:
-    topic = fresh_topic()
-    open_dashboard(page, stack)
-    subscribe(page, topic)
-    stack.publish(topic, {"n": 1})
-    expect(rows(page, topic)).to_have_count(1, timeout=TIMEOUT)
+    topic = first_publication_shown(page, stack)
     page.evaluate(WATCH_STATE)
 
     # Restart the web tier in the background; publish while it is down,
@@ -151,11 +157,7 @@ def test_progress_demo_reaches_done(page: Page, stack) -> None:
 
 
 def test_an_unanswered_resubscribe_reconnects(page: Page, stack) -> None:
-    topic = fresh_topic()
-    open_dashboard(page, stack)
-    subscribe(page, topic)
-    stack.publish(topic, {"n": 1})
-    expect(rows(page, topic)).to_have_count(1, timeout=TIMEOUT)
+    topic = first_publication_shown(page, stack)
     # The next connection never answers (acks are dropped on arrival, as on a
     # wedged path); the page must not stay silent on it.
     page.evaluate(
