@@ -212,15 +212,17 @@ def test_restarts_and_reconnects_are_counted(make_stack: Callable[..., Stack]) -
     assert found[("tidings_listener_lease_holder", (("host", now.host), ("pid", str(now.pid))))]
     assert found[("tidings_listener_lease_age_seconds", ())] < 15
     # Delivery still works, and is still counted.
-    got: list[dict] = []
-    from tidings.client import TidingsClient
+    assert_delivers(stack, "public.after")
 
-    client = TidingsClient(stack.url, on_publication=got.append)
+
+def assert_delivers(stack: Stack, topic: str) -> None:
+    """A new client subscribed to `topic` gets a publication made after it subscribed."""
+    client = RecordingClient(stack.url)
     client.connect()
     try:
-        client.subscribe("public.after")
-        stack.publish("public.after", 1)
-        wait_for(lambda: got, timeout=10)
+        client.subscribe(topic)
+        stack.publish(topic, 1)
+        wait_for(lambda: client.delivered, timeout=10)
     finally:
         client.disconnect()
 
@@ -310,16 +312,7 @@ def test_readyz_turns_unready_when_the_queue_connection_dies(stack: Stack) -> No
     assert stack.web is not None
     assert "message queue: Redis unavailable" in stack.web.log()
     # And the resubscribed worker delivers.
-    got: list[dict] = []
-    client = RecordingClient(stack.url)
-    client.on_publication = got.append
-    client.connect()
-    try:
-        client.subscribe("public.ready")
-        stack.publish("public.ready", 1)
-        wait_for(lambda: got, timeout=10)
-    finally:
-        client.disconnect()
+    assert_delivers(stack, "public.ready")
 
 
 def test_readyz_turns_unready_without_redis_and_back(stack: Stack) -> None:
