@@ -81,6 +81,9 @@ class QueueManager(socketio.RedisManager):
         self._history_size = history_size
         # Newest offset this worker has shown (or acked) per topic.
         self._shown: dict[str, tuple[tuple[int, int], str]] = {}
+        # Per topic, the newest offset the last catch-up replayed: live
+        # messages that overlap it are trimmed (`_without_replayed`).
+        self._replayed: dict[str, tuple[int, int] | None] = {}
 
     def note_offset(self, topic: str, offset: str | None) -> None:
         """Remember that this worker's clients of `topic` are at least at `offset`."""
@@ -140,6 +143,12 @@ class QueueManager(socketio.RedisManager):
         )
 
     def _handle_emit(self, message: dict) -> None:
+        room = message.get("room")
+        if self._replayed and message.get("event") == "publications" and isinstance(room, str):
+            trimmed = self._without_replayed(room[2:], message)
+            if trimmed is None:
+                return
+            message = trimmed
         if message.get("callback") is None and not message.get("binary"):
             # PubSubManager._handle_emit would deliver through `super().emit`,
             # Manager.emit itself, past this class's `emit`: route it here.
@@ -155,7 +164,6 @@ class QueueManager(socketio.RedisManager):
             )
         else:
             super()._handle_emit(message)
-        room = message.get("room")
         if message.get("event") == "publications" and isinstance(room, str):
             with contextlib.suppress(LookupError, TypeError, AttributeError):
                 self.note_offset(room[2:], message["data"][0][-1]["offset"])
@@ -170,6 +178,38 @@ class QueueManager(socketio.RedisManager):
                     entered = meta.get("t")
                     if isinstance(entered, list):
                         metrics.observe_latencies(str(meta.get("path")), entered, now_ms())
+
+    def _without_replayed(self, topic: str, message: dict) -> dict | None:
+        """Drop from a live message what the last catch-up already replayed; None if all of it.
+
+        A batch forwarded between the resubscribe and the catch-up's history
+        read arrives both ways; the replay reached every client in the room,
+        and anyone joining later read history after it.
+        """
+        upto = self._replayed.get(topic)
+        if upto is None:
+            return message
+        try:
+            pubs = message["data"][0]
+            kept = [i for i, p in enumerate(pubs) if (parse_offset(p["offset"]) or (0, 0)) > upto]
+        except (LookupError, TypeError):
+            return message
+        fresh = [pubs[i] for i in kept]
+        if not fresh:
+            return None
+        # Everything after this message is newer than the replay.
+        del self._replayed[topic]
+        if len(fresh) == len(pubs):
+            return message
+        trimmed = {**message, "data": [fresh]}
+        meta = message.get("tidings")
+        if isinstance(meta, dict) and isinstance(meta.get("t"), list):
+            trimmed["tidings"] = {
+                **meta,
+                "n": len(json.dumps(fresh, separators=(",", ":"))) - 2,
+                "t": [meta["t"][i] for i in kept if i < len(meta["t"])],
+            }
+        return trimmed
 
     def recipients(self, room: str) -> int:
         """Return how many of this worker's connections are in a room of `/`."""
@@ -214,6 +254,7 @@ class QueueManager(socketio.RedisManager):
                 size = len(json.dumps(recovery.publications, separators=(",", ":")))
                 metrics.sent(len(participants), size + metrics.PACKET_OVERHEAD)
                 self.note_offset(topic, recovery.publications[-1]["offset"])
+                self._replayed[topic] = parse_offset(recovery.publications[-1]["offset"])
 
     def _redis_connect(self) -> None:
         super()._redis_connect()
