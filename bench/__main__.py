@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     )
     out = args.out or (None if args.quick else ROOT / "bench" / "RESULTS.md")
     if out is not None:
+        kept = report.separate_section(out.read_text()) if out.exists() else ""
         out.write_text(
             report.markdown(
                 rows,
@@ -93,6 +94,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
                 seconds=seconds,
                 load_after=" ".join(f"{x:.2f}" for x in os.getloadavg()),
             )
+            + (f"\n{kept}" if kept else "")
         )
         log(f"wrote {out}")
     log(f"done in {seconds:.0f}s; logs and raw results in {workdir}")

@@ -250,6 +250,33 @@ def targets(rows: list[Row]) -> list[tuple[str, str, str]]:
     return out
 
 
+SEPARATE = "## Separate measurements"
+
+
+def separate_section(text: str) -> str:
+    """The hand-run measurements at the end of a RESULTS.md, kept when `make bench` rewrites it."""
+    at = text.find(SEPARATE)
+    return text[at:] if at >= 0 else ""
+
+
+def record_separate(path: Path, name: str, command: str, result: str) -> None:
+    """Write one separate benchmark's result into RESULTS.md, replacing its previous one."""
+    text = path.read_text() if path.exists() else ""
+    if SEPARATE not in text:
+        text = text.rstrip("\n") + "\n\n" + SEPARATE + "\n\n"
+        text += "Benchmarks outside `make bench`, each rerun by its own command.\n\n"
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    entry = f"- **{name}** (`{command}`, {stamp}, load average {load}): {result}"
+    lines = text.rstrip("\n").split("\n")
+    mine = [i for i, line in enumerate(lines) if line.startswith(f"- **{name}**")]
+    if mine:
+        lines[mine[0]] = entry
+    else:
+        lines += [entry] if lines[-1].startswith("- **") else ["", entry]
+    path.write_text("\n".join(lines) + "\n")
+
+
 def markdown(
     rows: list[Row],
     *,

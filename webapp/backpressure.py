@@ -29,7 +29,7 @@ _record_ws_installed = False
 
 def _packet_size(item: Any) -> int:
     data = getattr(item, "data", None)
-    return len(data) if isinstance(data, (str, bytes)) else 0
+    return len(data) if isinstance(data, (str, bytes, memoryview)) else 0
 
 
 def _is_reply(item: Any) -> bool:
