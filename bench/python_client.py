@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import tempfile
 import threading
 import time
 from pathlib import Path
 
-from bench.report import record_separate
-from tests.support import ROOT, RedisServer, Stack, wait_for
+from bench.report import separate_result
+from bench.systems import small_stack
+from tests.support import Stack, wait_for
 from tidings.client import TidingsClient
 
 TOPIC = "public.bench.client"
@@ -82,34 +82,23 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--no-record", action="store_true", help="do not write RESULTS.md")
     args = parser.parse_args()
-    directory = Path(tempfile.mkdtemp(prefix="tidings-client-cpu-"))
-    server = RedisServer(directory / "redis")
-    server.start()
-    stack = Stack(server, directory)
     runs: dict[bool, list[float]] = {False: [], True: []}
-    try:
-        stack.start_worker()
-        stack.start_web()
-        stack.wait_ready()
+    with small_stack("tidings-client-cpu-") as stack:
         start = 0
         for _ in range(args.reps):
             for check in (False, True):
                 runs[check].append(measure(stack, args.clients, args.publications, check, start))
                 start += args.publications
-    finally:
-        stack.stop()
-        server.stop()
     off, on = statistics.median(runs[False]), statistics.median(runs[True])
+    if not off:
+        raise SystemExit("too little CPU to measure (clock ticks of 10 ms): publish more")
     result = (
         f"{args.clients} clients x {args.publications} publications of 1 KB, {args.reps} reps:"
         f" client CPU per delivery, median, {off:.1f} us as shipped (UTF-8 check off),"
         f" {on:.1f} us with websocket-client's check on: **{on / off:.1f}x**"
         f" (runs: off {[round(x, 1) for x in runs[False]]}, on {[round(x, 1) for x in runs[True]]})"
     )
-    print(result)
-    if not args.no_record:
-        command = "python -m bench.python_client"
-        record_separate(ROOT / "bench" / "RESULTS.md", "python_client", command, result)
+    separate_result("python_client", result, record=not args.no_record)
 
 
 if __name__ == "__main__":

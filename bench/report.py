@@ -277,6 +277,14 @@ def record_separate(path: Path, name: str, command: str, result: str) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def separate_result(name: str, result: str, *, record: bool) -> None:
+    """Print a separate benchmark's result and, if `record`, keep it in bench/RESULTS.md."""
+    print(result)
+    if record:
+        path = Path(__file__).parent / "RESULTS.md"
+        record_separate(path, name, f"python -m bench.{name}", result)
+
+
 def markdown(
     rows: list[Row],
     *,

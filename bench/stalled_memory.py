@@ -18,16 +18,15 @@ import contextlib
 import json
 import socket
 import statistics
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 import psutil
 import websocket
 
-from bench.report import record_separate
-from tests.support import ROOT, RedisServer, Stack, wait_for
+from bench.report import separate_result
+from bench.systems import small_stack
+from tests.support import Stack, wait_for
 
 
 def subscribed(stack: Stack, topic: str, stall: bool) -> websocket.WebSocket:
@@ -101,27 +100,17 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--no-record", action="store_true", help="do not write RESULTS.md")
     args = parser.parse_args()
-    directory = Path(tempfile.mkdtemp(prefix="tidings-stalled-"))
-    server = RedisServer(directory / "redis")
-    server.start()
-    stack = Stack(server, directory)
-    try:
-        stack.start_worker()
-        stack.start_web()
-        stack.wait_ready()
+    stalled: list[int] = []
+    reading: list[int] = []
+    with small_stack("tidings-stalled-") as stack:
         assert stack.web is not None
         [worker] = psutil.Process(stack.web.pid).children()
-        stalled: list[int] = []
-        reading: list[int] = []
         # A first flood grows the heap whoever reads: a warm-up round, not counted.
         peak_growth(stack, worker, args.clients, args.mib, 1, stall=False)
         for rep in range(2, 2 * args.reps + 2):  # alternately: stalled, then reading clients
             growths = reading if rep % 2 else stalled
             growths.append(peak_growth(stack, worker, args.clients, args.mib, rep, not rep % 2))
         bound = stack.settings.client_queue_bytes
-    finally:
-        stack.stop()
-        server.stop()
 
     def kib(growth: float) -> int:
         return round(growth / args.clients / 2**10)
@@ -133,10 +122,7 @@ def main() -> None:
         f" KiB reading (runs {[kib(g) for g in reading]});"
         f" bound TIDINGS_CLIENT_QUEUE_BYTES = {bound // 1024} KiB"
     )
-    print(result)
-    if not args.no_record:
-        command = "python -m bench.stalled_memory"
-        record_separate(ROOT / "bench" / "RESULTS.md", "stalled_memory", command, result)
+    separate_result("stalled_memory", result, record=not args.no_record)
 
 
 if __name__ == "__main__":

@@ -15,16 +15,36 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import redis
 import requests
 
 from bench.measure import own_rss_bytes
-from tests.support import ROOT, VENV_BIN, Proc, RedisServer, free_port
+from tests.support import ROOT, VENV_BIN, Proc, RedisServer, Stack, free_port
 
 PEERS = ROOT / "bench" / "peers"
+
+
+@contextmanager
+def small_stack(prefix: str) -> Iterator[Stack]:
+    """One Celery worker and one web worker on a Redis of their own, ready; stopped after."""
+    directory = Path(tempfile.mkdtemp(prefix=prefix))
+    server = RedisServer(directory / "redis")
+    server.start()
+    stack = Stack(server, directory)
+    try:
+        stack.start_worker()
+        stack.start_web()
+        stack.wait_ready()
+        yield stack
+    finally:
+        stack.stop()
+        server.stop()
 
 
 def node_binary() -> str | None:
