@@ -95,7 +95,7 @@ class TidingsClient:
         # write loop dropped the connection (the chaos test's silent clients).
         websocket_options = {
             "skip_utf8_validation": True,
-            **client_options.pop("websocket_extra_options", {}),
+            **(client_options.pop("websocket_extra_options", None) or {}),
         }
         self.sio = _InOrderClient(
             websocket_extra_options=websocket_options,

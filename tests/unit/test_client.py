@@ -32,3 +32,20 @@ def test_publications_at_or_below_the_last_offset_are_dropped() -> None:
         ]
     )
     assert [p["data"] for p in got] == ["new"]
+
+
+def test_websocket_options_keep_the_utf8_check_off_unless_told_otherwise() -> None:
+    def options(**kwargs: object) -> dict:
+        client = TidingsClient("http://127.0.0.1:1", on_publication=lambda pub: None, **kwargs)
+        return client.sio.eio.websocket_extra_options
+
+    sockopt = [(1, 2, 3)]
+    assert options() == {"skip_utf8_validation": True}
+    assert options(websocket_extra_options=None) == {"skip_utf8_validation": True}
+    assert options(websocket_extra_options={"sockopt": sockopt}) == {
+        "skip_utf8_validation": True,
+        "sockopt": sockopt,
+    }
+    assert options(websocket_extra_options={"skip_utf8_validation": False}) == {
+        "skip_utf8_validation": False
+    }
