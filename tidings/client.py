@@ -90,9 +90,10 @@ class TidingsClient:
         self._topics: dict[str, _Topic] = {}
         # websocket-client checks every text frame's UTF-8 in pure Python:
         # ~170 us per 1 KB frame, a thousand times `bytes.decode`, which checks
-        # it again anyway. Twenty busy clients in one process then fell so far
-        # behind that they read the server's PING too late, and engine.io's
-        # write loop dropped the connection (the chaos test's silent clients).
+        # it again anyway (bench/python_client.py: 20x the client's CPU).
+        # Twenty busy clients in one process then fell so far behind that they
+        # read the server's PING too late, and engine.io's write loop dropped
+        # the connection (the chaos test's silent clients).
         websocket_options = {
             "skip_utf8_validation": True,
             **(client_options.pop("websocket_extra_options", None) or {}),

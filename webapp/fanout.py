@@ -71,7 +71,7 @@ def text_frame(text: str) -> bytes:
 
 
 class Preframed(packet.Packet):
-    """The unsent rest of a frame that a direct write began; the writer sends it as it is."""
+    """A frame built by the fan-out, whole or the rest of a direct write; sent as it is."""
 
     def __init__(self, rest: memoryview) -> None:
         # A MESSAGE with its bytes as data: the queue's byte bound counts them,
@@ -130,7 +130,7 @@ class Direct:
         if sent < len(frame):
             self.busy = True
             # A view, not a copy: every client the frame reached only in part
-            # shares it (a copy each cost 40 stalled clients 20 MiB).
+            # shares its bytes.
             queue.put(Preframed(memoryview(frame)[sent:]))
         return True
 
