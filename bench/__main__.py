@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     (workdir / "results.json").write_text(
         json.dumps({"machine": info, "rows": [r.as_dict() for r in rows]}, indent=1)
     )
-    out = args.out or (None if args.quick else ROOT / "bench" / "RESULTS.md")
+    out = args.out or (None if args.quick else report.RESULTS)
     if out is not None:
         kept = report.separate_section(out.read_text()) if out.exists() else ""
         out.write_text(

@@ -250,6 +250,7 @@ def targets(rows: list[Row]) -> list[tuple[str, str, str]]:
     return out
 
 
+RESULTS = Path(__file__).parent / "RESULTS.md"
 SEPARATE = "## Separate measurements"
 
 
@@ -281,8 +282,7 @@ def separate_result(name: str, result: str, *, record: bool) -> None:
     """Print a separate benchmark's result and, if `record`, keep it in bench/RESULTS.md."""
     print(result)
     if record:
-        path = Path(__file__).parent / "RESULTS.md"
-        record_separate(path, name, f"python -m bench.{name}", result)
+        record_separate(RESULTS, name, f"python -m bench.{name}", result)
 
 
 def markdown(

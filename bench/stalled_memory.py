@@ -43,10 +43,11 @@ def subscribed(stack: Stack, topic: str, stall: bool) -> websocket.WebSocket:
 
 
 def peak_growth(
-    stack: Stack, worker: psutil.Process, clients: int, mib: int, rep: int, stall: bool
+    stack: Stack, worker: psutil.Process, clients: int, mib: int, topic: str, stall: bool
 ) -> int:
-    """Flood a topic of its own with `clients` on it, stalled or reading; return peak RSS growth."""
-    topic = f"public.flood.{rep}"
+    """Flood `topic` (a fresh one) with `clients` on it, stalled or reading; return RSS growth."""
+    assert stack.web is not None
+    cut_before = stack.web.log().count("slow client cut")
     sockets = [subscribed(stack, topic, stall) for _ in range(clients)]
     count = mib * 1024 * 1024 // 8000
     received = [0] * clients
@@ -80,9 +81,8 @@ def peak_growth(
     blob = "x" * 8000
     for first in range(0, count, 50):
         stack.publish_many([(topic, {"n": n, "b": blob}) for n in range(first, first + 50)])
-    assert stack.web is not None
-    cuts = clients * (rep // 2)  # every earlier stalled round's clients were cut too
     if stall:
+        cuts = cut_before + clients
         wait_for(lambda: stack.web.log().count("slow client cut") >= cuts, timeout=120)
     else:
         wait_for(lambda: min(received) >= count, timeout=120)
@@ -106,10 +106,11 @@ def main() -> None:
         assert stack.web is not None
         [worker] = psutil.Process(stack.web.pid).children()
         # A first flood grows the heap whoever reads: a warm-up round, not counted.
-        peak_growth(stack, worker, args.clients, args.mib, 1, stall=False)
-        for rep in range(2, 2 * args.reps + 2):  # alternately: stalled, then reading clients
-            growths = reading if rep % 2 else stalled
-            growths.append(peak_growth(stack, worker, args.clients, args.mib, rep, not rep % 2))
+        peak_growth(stack, worker, args.clients, args.mib, "public.flood.warm-up", stall=False)
+        for rep in range(args.reps):  # alternately: stalled, then reading clients
+            for growths, stall in ((stalled, True), (reading, False)):
+                topic = f"public.flood.{rep}.{'stalled' if stall else 'reading'}"
+                growths.append(peak_growth(stack, worker, args.clients, args.mib, topic, stall))
         bound = stack.settings.client_queue_bytes
 
     def kib(growth: float) -> int:

@@ -73,10 +73,10 @@ def text_frame(text: str) -> bytes:
 class Preframed(packet.Packet):
     """A frame built by the fan-out, whole or the rest of a direct write; sent as it is."""
 
-    def __init__(self, rest: memoryview) -> None:
+    def __init__(self, frame: memoryview) -> None:
         # A MESSAGE with its bytes as data: the queue's byte bound counts them,
         # and it is never taken for a reply.
-        super().__init__(packet.MESSAGE, rest)
+        super().__init__(packet.MESSAGE, frame)
 
     def encode(self, b64: bool = False) -> Any:
         # engine.io's writer calls `ws.send(pkt.encode())`; the send that
@@ -135,7 +135,7 @@ class Direct:
         return True
 
     def write_rest(self, item: Preframed) -> None:
-        """Send the rest of a frame from the writer greenlet (blocking it, not the emit loop)."""
+        """Send a queued frame, or a frame's rest, from the writer greenlet (not the emit loop)."""
         if self.websocket.closed:
             raise ConnectionError("websocket closed")
         try:

@@ -159,7 +159,7 @@ class QueueManager(socketio.RedisManager):
                 message["event"],
                 data,
                 message.get("namespace"),
-                message.get("room"),
+                room,
                 message.get("skip_sid"),
             )
         else:
