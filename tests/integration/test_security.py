@@ -175,6 +175,9 @@ def test_least_privilege_redis_users(make_stack) -> None:
     client.connect()
     client.subscribe("public.acl")
     stack.publish_many([("public.acl", i) for i in range(5)])
+    # The two paths are read by two loops of the listener, with no order
+    # between them: the pub/sub one goes out once the durable ones are through.
+    wait_for(lambda: len(got) == 5, timeout=10)
     admin.publish("tidings:topic:public.acl", "5")
     wait_for(lambda: len(got) == 6, timeout=10)
     assert [p["data"] for p in got] == [0, 1, 2, 3, 4, 5]
