@@ -394,3 +394,70 @@ class SteadyPublisher(threading.Thread):
         self.join(timeout=10)
         assert self.error is None, f"publisher failed: {self.error!r}"
         return self.sent
+
+
+class SlowPath:
+    """A TCP proxy to a Redis server that hands the server's bytes on in small, late pieces.
+
+    A busy kernel cuts a reply wherever it likes; this cuts every reply, so a
+    reader that takes a partial reply for a failure is caught every time.
+    `hold()` stops passing server bytes on (a silent, half-open path) until
+    `release()`.
+    """
+
+    def __init__(self, port: int, *, piece: int = 700, pause: float = 0.002) -> None:
+        self.target = port
+        self.piece = piece
+        self.pause = pause
+        self._flowing = threading.Event()
+        self._flowing.set()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._open: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True, name="slow-path").start()
+
+    def url(self, db: int = 0) -> str:
+        """Return a redis:// URL through the proxy."""
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def hold(self) -> None:
+        """Stop passing the server's bytes on (they wait in the proxy)."""
+        self._flowing.clear()
+
+    def release(self) -> None:
+        """Pass the server's bytes on again."""
+        self._flowing.set()
+
+    def close(self) -> None:
+        """Close the proxy and every connection through it."""
+        self._listener.close()
+        for sock in self._open:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.target))
+            self._open += [client, server]
+            threading.Thread(target=self._pump, args=(client, server, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, True), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, slow: bool) -> None:
+        try:
+            while data := source.recv(65536):
+                if not slow:
+                    sink.sendall(data)
+                    continue
+                for start in range(0, len(data), self.piece):
+                    self._flowing.wait()
+                    sink.sendall(data[start : start + self.piece])
+                    time.sleep(self.pause)  # the rest of the reply is late
+        except OSError:
+            pass
+        for sock in (source, sink):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)

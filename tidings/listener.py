@@ -7,8 +7,10 @@ stop request is seen within a second:
 - the lease loop renews the lease well inside its TTL and stops everything
   when another listener holds it;
 - the pub/sub loop reads `tidings:topic:*` (and `TIDINGS_SUBSCRIBE` patterns)
-  with `get_message(timeout=...)`, drains whatever else is already waiting,
-  and forwards it as one batch;
+  on a connection it reads directly (`tidings.pubsub`): each read returns
+  every complete message that has arrived, which is forwarded as one batch;
+  a message cut in two by the kernel waits for its rest (redis-py's
+  `get_message` took that for an outage and dropped the burst);
 - the ingest loop reads `tidings:ingest` through the consumer group: first
   its own pending entries, then entries orphaned by a dead listener
   (XAUTOCLAIM), then new ones; the forward script acknowledges them.
@@ -47,6 +49,7 @@ from tidings.keys import (
 from tidings.lease import Lease
 from tidings.logs import RateLimited
 from tidings.payloads import DroppedPublication, to_json_text
+from tidings.pubsub import PubSubConnection
 from tidings.settings import Settings
 from tidings.stats import ListenerStats, worker_name
 from tidings.topics import is_valid_topic
@@ -63,6 +66,7 @@ CLAIM_EVERY_SECONDS = 2.0
 TRIM_EVERY_SECONDS = 1.0
 
 _REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
+_TOPIC_PATTERN = TOPIC_CHANNEL_PATTERN.encode()
 
 # The fenced read: only the lease holder may take entries from the group, so
 # a paused or partitioned listener cannot strand entries in its own pending
@@ -105,11 +109,6 @@ return 0
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
-
-
-def _as_is(message: list) -> list:
-    """Hand a pub/sub push message to PubSub unchanged (see `_read_pubsub`)."""
-    return message
 
 
 def _fields(flat: list) -> dict[bytes, bytes]:
@@ -270,34 +269,39 @@ class Listener:
             client = self._connect_until_up()
             if client is None:
                 return
-            # redis-py's own push handler formats every message into a debug
-            # log line, logging on or off: a copy of each payload for nothing.
-            pubsub = client.pubsub(ignore_subscribe_messages=True, push_handler_func=_as_is)
             forwarder = self._forwarder(client)
+            connection: PubSubConnection | None = None
             with self._outage("pub/sub"):
-                pubsub.psubscribe(*self._patterns)
-                log.info("subscribed to %s", ", ".join(self._patterns))
-                self._pump_pubsub(pubsub, forwarder)
+                connection = PubSubConnection(client)
+                connection.subscribe(self._patterns, "PSUBSCRIBE")
+                self._pump_pubsub(connection, forwarder)
+            if connection is not None:
+                connection.close()
             forwarder.close()
-            pubsub.close()
             client.close()
 
-    def _pump_pubsub(self, pubsub: redis.client.PubSub, forwarder: Forwarder) -> None:
-        assert self._lease is not None
+    def _pump_pubsub(self, connection: PubSubConnection, forwarder: Forwarder) -> None:
+        """Forward what each read brings as one batch (MAX_BATCH, MAX_BATCH_BYTES at most)."""
+        confirmed = 0
         while not self._stop.is_set():
-            message = pubsub.get_message(timeout=POLL_SECONDS)
-            if message is None:
-                continue
             batch: list[Publication] = []
             size = 0
-            while message is not None:
-                pub = self._from_pubsub(message)
-                if isinstance(pub, Publication):
-                    batch.append(pub)
-                    size += len(pub.data_json)
-                if len(batch) >= MAX_BATCH or size >= MAX_BATCH_BYTES:
-                    break
-                message = pubsub.get_message(timeout=0)
+            for reply in connection.read(POLL_SECONDS, max_replies=MAX_BATCH):
+                kind = reply[0] if isinstance(reply, list) and reply else None
+                if kind == b"pmessage":
+                    pub = self._from_pubsub(reply[1], reply[2], reply[3])
+                    if isinstance(pub, Publication):
+                        batch.append(pub)
+                        size += len(pub.data_json)
+                        if size >= MAX_BATCH_BYTES:
+                            self._forward(forwarder, batch, [], path="pubsub")
+                            batch, size = [], 0
+                elif kind == b"psubscribe":
+                    confirmed += 1
+                    if confirmed == len(self._patterns):
+                        log.info("subscribed to %s", ", ".join(self._patterns))
+                elif isinstance(reply, redis.ResponseError):
+                    raise reply  # a refused PSUBSCRIBE (ACL): nothing would ever arrive
             if batch:
                 self._forward(forwarder, batch, [], path="pubsub")
 
@@ -339,19 +343,16 @@ class Listener:
         # One clock read per batch; the loop over it is the forward's own size.
         self.stats.forwarded(path, (pub.entered_ms for pub in batch), now_ms())
 
-    def _from_pubsub(self, message: dict) -> Publication | str | None:
-        if message.get("type") != "pmessage":
-            return None
-        channel = message["channel"].decode("utf-8", "replace")
-        pattern = message["pattern"].decode("utf-8", "replace")
-        if pattern == TOPIC_CHANNEL_PATTERN:
-            topic = channel[len(TOPIC_CHANNEL_PREFIX) :]
-        elif channel.startswith("tidings:"):
+    def _from_pubsub(self, pattern: bytes, channel: bytes, data: bytes) -> Publication | str | None:
+        name = channel.decode("utf-8", "replace")
+        if pattern == _TOPIC_PATTERN:
+            topic = name[len(TOPIC_CHANNEL_PREFIX) :]
+        elif name.startswith("tidings:"):
             return None  # Tidings' own channels caught by a broad extra pattern
         else:
-            topic = channel
+            topic = name
         # Pub/sub carries no publish time: the listener's receipt stands in.
-        return self._publication(topic, message["data"], None, "pubsub", now_ms())
+        return self._publication(topic, data, None, "pubsub", now_ms())
 
     def _publication(
         self,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.support import RedisServer, wait_for
+from tests.support import RedisServer, SlowPath, wait_for
 from tidings.keys import INGEST_GROUP, INGEST_STREAM, LEASE_KEY, SOCKETIO_CHANNEL
 from tidings.lease import Lease
 from tidings.listener import Listener
@@ -237,3 +237,32 @@ def test_entries_it_read_before_a_reconnect_are_forwarded_once(
         assert [p["data"] for p in running.publications()] == [0, 1, 2]
     finally:
         running.stop()
+
+
+def test_a_burst_whose_replies_arrive_in_pieces_is_forwarded_whole_without_a_reconnect(
+    redis_server: RedisServer, redis_client: redis.Redis
+) -> None:
+    """redis-py's get_message(timeout=0) took a half-arrived reply for an outage: 58 of 2,000."""
+    path = SlowPath(redis_server.port)
+    settings = Settings.from_env(
+        {"TIDINGS_REDIS_URL": path.url(0), "TIDINGS_HISTORY_SIZE": "100000"}
+    )
+    running = Running(settings, redis_client).start()
+    try:
+        sent = 2000
+        pipe = redis_client.pipeline(transaction=False)
+        for n in range(sent):
+            pipe.publish("tidings:topic:public.burst", json.dumps({"n": n, "pad": "x" * 100}))
+            if n % 50 == 49:
+                # Pipelined bursts, each flushed on its own: the listener
+                # catches up with the stream mid-reply between them.
+                pipe.execute()
+        pipe.execute()
+        history = "tidings:history:public.burst"
+        wait_for(lambda: redis_client.xlen(history) >= sent, timeout=30)
+        entries = redis_client.xrange(history)
+        assert [json.loads(fields[b"d"])["n"] for _, fields in entries] == list(range(sent))
+        assert running.listener.counts["redis_reconnects"] == 0
+    finally:
+        running.stop()
+        path.close()
