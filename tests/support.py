@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -21,6 +22,8 @@ import redis
 import requests
 
 from tidings.client import TidingsClient
+from tidings.forwarder import Forwarder, Publication
+from tidings.keys import queue_channel
 from tidings.publishing import publish_many
 from tidings.settings import Settings
 
@@ -296,6 +299,24 @@ class Stack:
     def topic_subscribers(self) -> list[dict]:
         """Return the CLIENT LIST entries subscribed to a pattern (the listeners)."""
         return [c for c in self._redis.client_list() if int(c.get("psub", 0)) > 0]
+
+
+def forwarded_message(
+    client: redis.Redis, topic: str, data: list[Any], path: str = "ingest"
+) -> bytes:
+    """Forward `data` to `topic` with the real script; return the queue message it published."""
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(queue_channel(topic))
+    try:
+        forwarder = Forwarder(client, history_size=1000, history_ttl=100)
+        forwarder.forward(
+            [Publication(topic, json.dumps(item), entered_ms=1) for item in data], path=path
+        )
+        forwarder.close()
+        message = wait_for(lambda: pubsub.get_message(timeout=0.1), timeout=5)
+        return message["data"]
+    finally:
+        pubsub.close()
 
 
 class RecordingClient(TidingsClient):

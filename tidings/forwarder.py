@@ -3,7 +3,9 @@
 A single Lua script per batch checks that the caller still holds the listener
 lease, appends every publication to its topic's history stream (the stream id
 is the offset), publishes one Socket.IO `publications` event per topic on the
-message queue, and acknowledges the batch's ingest entries. Redis runs it
+topic's own message-queue channel (`tidings:socketio:<topic>`, heard only by
+the web workers that have clients of the topic), and acknowledges the batch's
+ingest entries. Redis runs it
 atomically, so a stale listener can neither write nor emit, and an ingest
 entry is acknowledged exactly when it was forwarded: a crash on either side of
 the script leaves it either fully forwarded and acked or untouched and
@@ -13,8 +15,10 @@ The emitted message is python-socketio's pub/sub manager format (what
 `RedisManager(write_only=True).emit()` publishes); building it in the script
 lets the offsets go out in the same step that allocates them. It carries one
 more top-level key, `tidings`, that python-socketio ignores and clients never
-see: the batch's source path, each publication's entry time (ms, for the web
-tier's publish-to-send latency) and the size of the publications list.
+see: the batch's source path, the size of the publications list, its first
+and last offsets, and each publication's entry time (ms, for the web tier's
+publish-to-send latency). It comes before `data`, which is last, so the web
+tier takes the list out by position (`webapp.queue`) instead of parsing it.
 
 A forwarder sends its `EVALSHA` on a connection of its own, packed once per
 batch, and reads the reply itself: redis-py's command path (pool checkout and
@@ -44,8 +48,8 @@ from tidings.keys import (
     INGEST_STREAM,
     LEASE_KEY,
     RECEIPT_PREFIX,
-    SOCKETIO_CHANNEL,
     history_key,
+    queue_channel,
     room,
 )
 
@@ -54,15 +58,15 @@ local token = ARGV[1]
 if token ~= '' and redis.call('GET', KEYS[1]) ~= token then
   return redis.error_reply('FENCED the listener lease is held by another listener')
 end
-local maxlen, ttl, head, channel, group = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
-local receipts, receipt_ms = ARGV[7], ARGV[8]
+local maxlen, ttl, head, group = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local receipts, receipt_ms = ARGV[6], ARGV[7]
 local function receipt(ingest_id, value)
   local key = receipts .. ingest_id
   redis.call('RPUSH', key, value)
   redis.call('PEXPIRE', key, receipt_ms)
 end
-local nacks = tonumber(ARGV[9])
-local pos = 10
+local nacks = tonumber(ARGV[8])
+local pos = 9
 if nacks > 0 then
   local acks = {}
   for j = 1, nacks do acks[j] = ARGV[pos + j - 1] end
@@ -79,8 +83,9 @@ local path = ARGV[pos]
 pos = pos + 1
 local offsets = {}
 for k = 3, #KEYS do
-  local topic_json, room_json, n = ARGV[pos], ARGV[pos + 1], tonumber(ARGV[pos + 2])
-  pos = pos + 3
+  local topic_json, room_json, channel = ARGV[pos], ARGV[pos + 1], ARGV[pos + 2]
+  local n = tonumber(ARGV[pos + 3])
+  pos = pos + 4
   local parts = {}
   local entered = {}
   for j = 1, n do
@@ -94,10 +99,12 @@ for k = 3, #KEYS do
   end
   redis.call('EXPIRE', KEYS[k], ttl)
   local body = table.concat(parts, ',')
-  -- `tidings` is for the web tier's metrics only: python-socketio ignores it.
-  redis.call('PUBLISH', channel, head .. room_json .. ',"data":[[' .. body .. ']],'
-    .. '"tidings":{"path":"' .. path .. '","n":' .. #body .. ',"t":['
-    .. table.concat(entered, ',') .. ']}}')
+  -- `tidings` (ignored by python-socketio) comes before `data`, which ends
+  -- the message, so a web worker slices the list out without parsing it.
+  redis.call('PUBLISH', channel, head .. room_json .. ',"tidings":{"path":"' .. path
+    .. '","n":' .. #body .. ',"first":"' .. offsets[#offsets - n + 1] .. '","last":"'
+    .. offsets[#offsets] .. '","t":[' .. table.concat(entered, ',') .. ']},"data":[['
+    .. body .. ']]}')
 end
 return offsets
 """
@@ -182,7 +189,6 @@ class Forwarder:
             self._history_size,
             self._history_ttl,
             self._head,
-            SOCKETIO_CHANNEL,
             INGEST_GROUP,
             RECEIPT_PREFIX,
             str(RECEIPT_TTL_MS),
@@ -195,7 +201,8 @@ class Forwarder:
         args.append(path if path in ("pubsub", "ingest") else "")
         for topic, pubs in by_topic.items():
             keys.append(history_key(topic))
-            args += [json.dumps(topic), json.dumps(room(topic)), str(len(pubs))]
+            args += [json.dumps(topic), json.dumps(room(topic)), queue_channel(topic)]
+            args.append(str(len(pubs)))
             for pub in pubs:
                 published = "" if pub.published_ms is None else str(pub.published_ms)
                 entered = pub.entered_ms if pub.entered_ms is not None else pub.published_ms

@@ -49,30 +49,56 @@ def recover(client: redis.Redis, topic: str, since: str | None, *, history_size:
     master may never have had it.) `since` = "0-0" (the client
     saw the topic empty) is recoverable while the stream was never trimmed,
     that is while it holds fewer than `history_size` entries (the cap is
-    exact). One round trip either way.
+    exact). One round trip, two when `since` is gone.
     """
-    key = history_key(topic)
+    return recover_many(client, [(topic, since)], history_size=history_size)[0]
+
+
+def recover_many(
+    client: redis.Redis, wanted: list[tuple[str, str | None]], *, history_size: int
+) -> list[Recovery]:
+    """`recover` for several (topic, since) pairs, pipelined: one or two round trips in all."""
     pipe = client.pipeline(transaction=False)
-    pipe.xrevrange(key, count=1)
-    since_pair = parse_offset(since) if since is not None else None
-    if since_pair is not None:
-        pipe.xrange(key, min=since)
-    replies = pipe.execute()
-    latest = replies[0][0][0].decode() if replies[0] else None
-    if since is None or since_pair is None:
-        return Recovery(offset=latest, recovered=False)
-    entries = replies[1]
-    if since_pair == (0, 0):
-        if len(entries) >= history_size:
-            return Recovery(offset=latest, recovered=False)
-    elif entries and entries[0][0].decode() == since:
-        entries = entries[1:]
-    else:
-        # `since` is not in history: recoverable only if an older entry still
-        # is (trimming, oldest first, has not passed it). After a Redis
-        # failover, a client may hold an offset the new master never had.
-        oldest = client.xrange(key, count=1)
-        if not oldest or parse_offset(oldest[0][0].decode()) >= since_pair:
-            return Recovery(offset=latest, recovered=False)
+    for topic, since in wanted:
+        key = history_key(topic)
+        pipe.xrevrange(key, count=1)
+        if parse_offset(since) is not None:
+            pipe.xrange(key, min=since)
+    replies = iter(pipe.execute())
+    results: list[Recovery] = []
+    unsure: list[tuple[int, str, tuple[int, int], list]] = []
+    for topic, since in wanted:
+        newest = next(replies)
+        latest = newest[0][0].decode() if newest else None
+        since_pair = parse_offset(since)
+        if since_pair is None:
+            results.append(Recovery(offset=latest, recovered=False))
+            continue
+        entries = next(replies)
+        if since_pair == (0, 0):
+            if len(entries) >= history_size:
+                results.append(Recovery(offset=latest, recovered=False))
+                continue
+        elif entries and entries[0][0].decode() == since:
+            entries = entries[1:]
+        else:
+            # `since` is not in history: recoverable only if an older entry
+            # still is (trimming, oldest first, has not passed it). After a
+            # Redis failover, a client may hold an offset the new master never had.
+            unsure.append((len(results), topic, since_pair, entries))
+            results.append(Recovery(offset=latest, recovered=False))
+            continue
+        results.append(_recovered(topic, latest, entries))
+    if unsure:
+        pipe = client.pipeline(transaction=False)
+        for _, topic, _, _ in unsure:
+            pipe.xrange(history_key(topic), count=1)
+        for (index, topic, since_pair, entries), oldest in zip(unsure, pipe.execute(), strict=True):
+            if oldest and parse_offset(oldest[0][0].decode()) < since_pair:
+                results[index] = _recovered(topic, results[index].offset, entries)
+    return results
+
+
+def _recovered(topic: str, latest: str | None, entries: list) -> Recovery:
     publications = [_publication(topic, entry_id, fields) for entry_id, fields in entries]
     return Recovery(offset=latest, recovered=True, publications=publications)

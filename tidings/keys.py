@@ -7,6 +7,11 @@ INGEST_GROUP = "tidings"
 HISTORY_PREFIX = "tidings:history:"
 LEASE_KEY = "tidings:listener"
 SOCKETIO_CHANNEL = "tidings:socketio"
+# tidings:socketio:<topic>: the listener emits each topic's publications on a
+# queue channel of the topic's own, which a web worker subscribes to while it
+# has clients of the topic (interest routing); `tidings:socketio` keeps
+# control messages and application emits.
+QUEUE_TOPIC_PREFIX = SOCKETIO_CHANNEL + ":"
 # tidings:receipt:<ingest id>: a short-lived list the listener pushes a
 # durable publication's offset to when its publisher waits for it.
 RECEIPT_PREFIX = "tidings:receipt:"
@@ -20,6 +25,11 @@ def history_key(topic: str) -> str:
 def topic_channel(topic: str) -> str:
     """Return the pub/sub channel a fast publication of a topic goes to."""
     return TOPIC_CHANNEL_PREFIX + topic
+
+
+def queue_channel(topic: str) -> str:
+    """Return the message-queue channel a topic's publications are emitted on."""
+    return QUEUE_TOPIC_PREFIX + topic
 
 
 def room(topic: str) -> str:

@@ -271,14 +271,18 @@ class Listener:
                 return
             forwarder = self._forwarder(client)
             connection: PubSubConnection | None = None
-            with self._outage("pub/sub"):
-                connection = PubSubConnection(client)
-                connection.subscribe(self._patterns, "PSUBSCRIBE")
-                self._pump_pubsub(connection, forwarder)
-            if connection is not None:
-                connection.close()
-            forwarder.close()
-            client.close()
+            try:
+                with self._outage("pub/sub"):
+                    connection = PubSubConnection(client)
+                    connection.subscribe(self._patterns, "PSUBSCRIBE")
+                    self._pump_pubsub(connection, forwarder)
+            finally:
+                # Fenced or stopped too: a subscription left open would keep
+                # this process hearing every fast publication.
+                if connection is not None:
+                    connection.close()
+                forwarder.close()
+                client.close()
 
     def _pump_pubsub(self, connection: PubSubConnection, forwarder: Forwarder) -> None:
         """Forward what each read brings as one batch (MAX_BATCH, MAX_BATCH_BYTES at most)."""

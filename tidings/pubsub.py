@@ -25,6 +25,7 @@ gunicorn.conf.py).
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -133,8 +134,8 @@ def _reader() -> Any:
 class PubSubConnection:
     """One connection in subscribed mode: send (P)(UN)SUBSCRIBE, read every reply that is complete.
 
-    Not shared: one reader at a time. (Under gevent a second greenlet may
-    send while the reader waits, as sockets allow.)
+    One reader at a time; senders may be several (each send is one locked
+    write), and may send while the reader waits.
     """
 
     def __init__(self, client: redis.Redis) -> None:
@@ -151,6 +152,7 @@ class PubSubConnection:
         self._buffer = bytearray(READ_SIZE)
         self._heard = time.monotonic()
         self._pinged = False
+        self._send_lock = threading.Lock()
 
     @property
     def socket(self) -> socket.socket:
@@ -159,9 +161,13 @@ class PubSubConnection:
 
     def send(self, commands: Iterable[Sequence[str | bytes]]) -> None:
         """Send commands in one write (replies come back through `read`)."""
-        packed = self._connection.pack_commands(list(commands))
+        connection = self._connection
+        if connection is None:
+            raise redis.ConnectionError("the pub/sub connection is closed")
+        packed = connection.pack_commands(list(commands))
         if packed:
-            self._connection.send_packed_command(packed, check_health=False)
+            with self._send_lock:
+                connection.send_packed_command(packed, check_health=False)
 
     def subscribe(self, channels: Sequence[str], command: str = "SUBSCRIBE") -> None:
         """Send (P)(UN)SUBSCRIBE for `channels`, at most CHANNELS_PER_COMMAND per command."""

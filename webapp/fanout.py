@@ -59,7 +59,11 @@ _HEAD64 = struct.Struct("!BBQ")
 
 def text_frame(text: str) -> bytes:
     """Return `text` as one final, unmasked websocket text frame (RFC 6455 5.2)."""
-    payload = text.encode()
+    return encode_frame(text.encode())
+
+
+def encode_frame(payload: bytes) -> bytes:
+    """Return UTF-8 text as one final, unmasked websocket text frame (RFC 6455 5.2)."""
     size = len(payload)
     if size < 126:
         head = bytes((_FIN_TEXT, size))
@@ -197,8 +201,13 @@ def detach(sock: engineio.socket.Socket) -> None:
         sock.tidings_direct = None
 
 
-def deliver(server: Any, pkt: packet.Packet, eio_sids: Iterable[str]) -> int:
-    """Send one text MESSAGE to every connection, directly where idle; return how many were."""
+def deliver(
+    server: Any, pkt: packet.Packet, eio_sids: Iterable[str], *, frame: bytes | None = None
+) -> int:
+    """Send one text MESSAGE to every connection, directly where idle; return how many were.
+
+    `frame`, when the caller has it, is `pkt` as a websocket frame already.
+    """
     eio = server.eio
     queued = server._send_eio_packet
     if eio.logger.isEnabledFor(logging.INFO):
@@ -209,7 +218,6 @@ def deliver(server: Any, pkt: packet.Packet, eio_sids: Iterable[str]) -> int:
     sockets = eio.sockets
     now = time.time()
     ping_timeout = eio.ping_timeout
-    frame: bytes | None = None
     shared: Preframed | None = None
     direct_count = 0
     for eio_sid in eio_sids:

@@ -1,22 +1,33 @@
-"""The web worker's end of the Socket.IO message queue (`tidings:socketio`).
+"""The web worker's end of the Socket.IO message queue: `tidings:socketio` and per-topic channels.
 
-python-socketio's RedisManager backs off up to 60 s between reconnects and
-blocks in a bare `listen()`; Tidings needs deliveries back within seconds of
-Redis returning and a readiness check that knows whether this worker is
-really subscribed. This subclass owns the loop: a bounded `get_message`, a
-capped backoff, one log line per outage, and the state `/readyz` reads.
+One Redis connection per worker, read directly (tidings.pubsub), carries:
+
+- `tidings:socketio`, python-socketio's channel: control messages and
+  application emits (`socketio.emit` from app code, or from another process
+  through Flask-SocketIO's write-only queue), handled as python-socketio's
+  PubSubManager does;
+- `tidings:socketio:<topic>` for each topic this worker's clients are
+  subscribed to (interest routing, `webapp.routing`): the listener's
+  publications. These take a lean path: the publications list is sliced out
+  of the message by position (the forward script puts it last), framed once,
+  and written to the room's websockets (`webapp.fanout`); no JSON decode, no
+  packet re-encode.
+
+A client joins a topic in three steps (`begin_join`, `finish_join`), which
+close the join race: the worker's channel is confirmed by Redis before the
+subscribe handler reads history, publications that arrive meanwhile are held
+for the joining client, and after the ack (whose recovery ends at the
+history's latest offset) the client gets the held ones that are newer, then
+joins the room. No gap, no copy, no reordering on the wire.
 
 The queue is at most once: whatever the listener emits while this worker is
-not subscribed never reaches it, and its clients, whose websockets stayed up,
-would never ask. So the manager remembers the newest offset it has shown
-each topic's room and, after every resubscribe and before any new message,
-replays what history holds after it (clients drop copies by offset). A room
+not subscribed never reaches it. So the manager remembers the newest offset
+it has shown each topic's room and, after every resubscribe and before any
+newer message of the topic, replays from history what came after it. A room
 whose gap history no longer covers has its connections dropped: its clients
-reconnect, resubscribe with `since` and are told `recovered: false`.
-
-Delivery to this worker's clients builds each event's packet and websocket
-frame once and writes it straight to idle websockets (`webapp.fanout`);
-callbacks and binary data keep python-socketio's path.
+reconnect, resubscribe with `since` and are told `recovered: false`. Redis
+closing this connection for a full output buffer (a worker too slow for its
+topics, `client-output-buffer-limit pubsub`) is handled the same way.
 """
 
 from __future__ import annotations
@@ -26,23 +37,24 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 import socketio
 from engineio import packet as eio_packet
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 from socketio import packet as sio_packet
 
 from tidings import metrics
-from tidings.connection import SOCKET_TIMEOUT, client_name, follow_master
+from tidings.connection import client_name, connect, follow_master
 from tidings.forwarder import now_ms
-from tidings.history import BEGINNING, parse_offset, recover
-from tidings.keys import SOCKETIO_CHANNEL
+from tidings.history import parse_offset, recover_many
+from tidings.keys import SOCKETIO_CHANNEL, room
+from tidings.pubsub import PubSubConnection, is_pong
 from webapp import fanout
 from webapp.backpressure import abort_connection
+from webapp.routing import LIVE, Route, Routes
 
 log = logging.getLogger("tidings.queue")
 
@@ -51,47 +63,87 @@ BACKOFF_START = 0.05
 BACKOFF_MAX = 1.0
 # The loop wakes at least every POLL_SECONDS; older than this means it is stuck.
 STALE_AFTER_SECONDS = 5.0
+# How often the command writer looks for lingering routes to leave.
+EXPIRE_EVERY_SECONDS = 0.5
+
+_CONTROL = SOCKETIO_CHANNEL.encode()
+_MESSAGE = b"message"
+_META_KEY = b',"tidings":'
+_DATA_KEY = b',"data":['
+_PACKET_HEAD = b'2["publications",'
 
 
-class QueueManager(socketio.RedisManager):
-    """Socket.IO client manager on `tidings:socketio` with a loop Tidings controls."""
+@dataclass
+class Join:
+    """A client between its `subscribe` and the room: what the topic's channel brought meanwhile."""
+
+    sid: str
+    topic: str
+    route: Route
+    # Publications lists (JSON text) and their last offsets, in arrival order.
+    held: list[tuple[bytes, tuple[int, int] | None]] = field(default_factory=list)
+    # The queue connection (`QueueManager.generation`) its route was live on
+    # when it read history: on another one, what it holds may have a hole.
+    generation: int = -1
+
+
+def split_message(raw: bytes) -> tuple[bytes, dict[str, Any]] | None:
+    """Return a forwarded message's publications list (JSON text) and its `tidings` metadata.
+
+    The forward script writes `...,"tidings":{...},"data":[[...]]}`: nothing
+    before `data` comes from a publisher, so its first occurrence is the key.
+    None for anything else (a message of another shape is decoded instead).
+    """
+    data_at = raw.find(_DATA_KEY)
+    meta_at = raw.find(_META_KEY, 0, data_at) if data_at > 0 else -1
+    if meta_at < 0 or not raw.endswith(b"]]}"):
+        return None
+    try:
+        meta = json.loads(raw[meta_at + len(_META_KEY) : data_at])
+    except ValueError:
+        return None
+    if not isinstance(meta, dict):
+        return None
+    return raw[data_at + len(_DATA_KEY) : -2], meta
+
+
+class QueueManager(socketio.PubSubManager):
+    """Socket.IO client manager on `tidings:socketio` and per-topic channels, with Tidings' loop."""
+
+    name = "tidings"
 
     def __init__(self, url: str, *, history: redis.Redis, history_size: int) -> None:
-        super().__init__(
-            url,
-            channel=SOCKETIO_CHANNEL,
-            redis_options={
-                "client_name": client_name("web"),
-                "socket_timeout": SOCKET_TIMEOUT,
-                "socket_connect_timeout": SOCKET_TIMEOUT,
-                "health_check_interval": 10,
-                # No silent reconnects inside redis-py: every lost subscription
-                # must reach the loop below, which catches up after it.
-                "retry": Retry(NoBackoff(), 0),
-            },
-        )
+        super().__init__(channel=SOCKETIO_CHANNEL)
+        self._url = url
+        self._redis: redis.Redis | None = None
+        self._connection: PubSubConnection | None = None
+        self.routes = Routes()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()  # the command writer has work
+        # topic -> sid -> Join: clients between `begin_join` and `finish_join`.
+        self._joins: dict[str, dict[str, Join]] = {}
         self.subscribed = False
-        # Set once Redis has confirmed the subscription and missed publications
-        # were replayed; `subscribe` handlers wait on it (see `wait_subscribed`).
+        # Set while Redis has confirmed `tidings:socketio` on the live connection.
         self._live = threading.Event()
         self.last_poll = 0.0
         self.reconnects = 0
+        # Counts queue connections lost: a join that read history on an
+        # earlier one cannot trust what it holds.
+        self.generation = 0
         self._closed = False
         self._history = history
         self._history_size = history_size
-        # Newest offset this worker has shown (or acked) per topic.
+        # Newest offset this worker has shown each topic's room: every member
+        # has been shown everything up to it (or did not want it).
         self._shown: dict[str, tuple[tuple[int, int], str]] = {}
         # Per topic, the newest offset the last catch-up replayed: live
         # messages that overlap it are trimmed (`_without_replayed`).
-        self._replayed: dict[str, tuple[int, int] | None] = {}
+        self._replayed: dict[str, tuple[int, int]] = {}
+        # Routed publications lists received, and how many found no local client.
+        self.routed = 0
+        self.unwanted = 0
 
-    def note_offset(self, topic: str, offset: str | None) -> None:
-        """Remember that this worker's clients of `topic` are at least at `offset`."""
-        pair = parse_offset(offset)
-        if pair is not None:
-            known = self._shown.get(topic)
-            if known is None or pair > known[0]:
-                self._shown[topic] = (pair, offset)  # type: ignore[assignment]
+    # -- emitting --------------------------------------------------------------
 
     def emit(
         self,
@@ -142,13 +194,354 @@ class QueueManager(socketio.RedisManager):
             [eio_sid for sid, eio_sid in self.get_participants(namespace, room) if sid not in skip],
         )
 
-    def _handle_emit(self, message: dict) -> None:
-        room = message.get("room")
-        if self._replayed and message.get("event") == "publications" and isinstance(room, str):
-            trimmed = self._without_replayed(room[2:], message)
+    def _publish(self, data: Any) -> None:
+        """Publish to the other workers on `tidings:socketio`, once.
+
+        python-socketio's managers reconnect and retry on a failed publish; a
+        web worker publishes rarely (an emit to a sid it does not hold), and
+        a lost control message is logged, never retried twice.
+        """
+        try:
+            self._history.publish(self.channel, self.json.dumps(data))
+        except redis.RedisError as exc:
+            log.warning("message queue: publish failed (%s); not delivered to other workers", exc)
+
+    # -- routed publications ------------------------------------------------------
+
+    def _deliver_routed(self, topic: str, raw: bytes) -> None:
+        """Hand one forwarded message of a topic's channel to the room and to joining clients."""
+        self.routed += 1
+        name = room(topic)
+        members = self.rooms.get("/", {}).get(name)
+        joins = self._joins.get(topic)
+        if not members and not joins:
+            self.unwanted += 1  # lingering, or every client left while it was on its way
+            return
+        parts = split_message(raw)
+        if parts is None:
+            # Not the forward script's shape (an older listener, an operator's
+            # probe): python-socketio's format, decoded.
+            with contextlib.suppress(ValueError):
+                message = json.loads(raw)
+                if isinstance(message, dict) and message.get("method") == "emit":
+                    self._handle_emit(message)
+            return
+        listing, meta = parts
+        last = parse_offset(meta.get("last"))
+        if topic in self._replayed:
+            trimmed = self._without_replayed(topic, listing, meta)
             if trimmed is None:
                 return
-            message = trimmed
+            listing, meta = trimmed
+        if joins:
+            with self._lock:
+                for join in self._joins.get(topic, {}).values():
+                    join.held.append((listing, last))
+        if members:
+            payload = _PACKET_HEAD + listing + b"]"
+            fanout.deliver(
+                self.server,
+                eio_packet.Packet(eio_packet.MESSAGE, payload.decode()),
+                list(members.values()),
+                frame=fanout.encode_frame(b"4" + payload),
+            )
+            if last is not None:
+                self._shown[topic] = (last, meta["last"])
+            metrics.sent(len(members), len(payload) + 1)
+            entered = meta.get("t")
+            if isinstance(entered, list):
+                metrics.observe_latencies(str(meta.get("path")), entered, now_ms())
+
+    def _without_replayed(
+        self, topic: str, listing: bytes, meta: dict[str, Any]
+    ) -> tuple[bytes, dict[str, Any]] | None:
+        """Drop from a live message what the last catch-up already replayed; None if all of it.
+
+        A batch forwarded between the resubscribe and the catch-up's history
+        read arrives both ways; the replay reached every client in the room,
+        and anyone joining later read history after it.
+        """
+        upto = self._replayed[topic]
+        first, last = parse_offset(meta.get("first")), parse_offset(meta.get("last"))
+        if last is not None and last <= upto:
+            return None
+        # Everything after this message is newer than the replay.
+        del self._replayed[topic]
+        if first is not None and first > upto:
+            return listing, meta
+        try:
+            pubs = json.loads(listing)
+            kept = [i for i, p in enumerate(pubs) if (parse_offset(p["offset"]) or (0, 0)) > upto]
+        except (ValueError, LookupError, TypeError):
+            return listing, meta
+        entered = meta.get("t")
+        meta = {**meta, "first": pubs[kept[0]]["offset"]} if kept else meta
+        if isinstance(entered, list):
+            meta["t"] = [entered[i] for i in kept if i < len(entered)]
+        return json.dumps([pubs[i] for i in kept], separators=(",", ":")).encode(), meta
+
+    def note_offset(self, topic: str, offset: str | None) -> None:
+        """Remember that this worker's clients of `topic` are at least at `offset`."""
+        pair = parse_offset(offset)
+        if pair is not None:
+            known = self._shown.get(topic)
+            if known is None or pair > known[0]:
+                self._shown[topic] = (pair, offset)  # type: ignore[assignment]
+
+    # -- joining a topic ------------------------------------------------------------
+
+    def begin_join(self, sid: str, topic: str) -> Join:
+        """Start holding the topic's publications for `sid` and make sure its channel is wanted."""
+        with self._lock:
+            route = self.routes.want(topic)
+            join = Join(sid, topic, route)
+            self._joins.setdefault(topic, {})[sid] = join
+            commands = self.routes.has_commands()
+        if commands:
+            self._wake.set()
+        return join
+
+    def cancel_join(self, join: Join) -> None:
+        """Stop holding publications for a join that failed."""
+        with self._lock:
+            self._drop_join(join)
+        self._maybe_vacate(join.topic)
+
+    def finish_join(self, join: Join, latest: str | None) -> None:
+        """After the ack: send `sid` what came after `latest` while it joined, then enter the room.
+
+        Runs right after the ack went into the client's queue, with no switch
+        in between, so the held publications follow the ack and precede any
+        live one.
+        """
+        with self._lock:
+            if not self._drop_join(join):
+                return  # cancelled meanwhile (an unsubscribe)
+            held = join.held
+        eio_sid = self.eio_sid_from_sid(join.sid, "/")
+        if eio_sid is None or not self.is_connected(join.sid, "/"):
+            self._maybe_vacate(join.topic)
+            return
+        after = parse_offset(latest)
+        pubs: list[Any] = []
+        for listing, last in held:
+            if after is not None and last is not None and last <= after:
+                continue
+            with contextlib.suppress(ValueError):
+                batch = json.loads(listing)
+                pubs += [
+                    p
+                    for p in batch
+                    if after is None or (parse_offset(p.get("offset")) or (0, 0)) > after
+                ]
+        if pubs:
+            self._emit_here("publications", pubs, "/", join.sid, None)
+        name = room(join.topic)
+        first_member = not self.rooms.get("/", {}).get(name)
+        self.server.enter_room(join.sid, name, namespace="/")
+        if first_member:
+            # Nobody else here is owed anything older; with others in the
+            # room, their own mark stands (they may still be owed what is on
+            # its way, which a catch-up must not skip).
+            self.note_offset(join.topic, pubs[-1]["offset"] if pubs else latest)
+
+    def cancel_joins_of(self, sid: str, topic: str) -> None:
+        """Cancel `sid`'s join of `topic` still under way, if any (it unsubscribed)."""
+        with self._lock:
+            join = self._joins.get(topic, {}).get(sid)
+            if join is not None:
+                self._drop_join(join)
+
+    def _drop_join(self, join: Join) -> bool:
+        """Forget a join; False if it was gone already."""
+        joins = self._joins.get(join.topic)
+        if joins is None or joins.get(join.sid) is not join:
+            return False
+        del joins[join.sid]
+        if not joins:
+            del self._joins[join.topic]
+        return True
+
+    # -- room membership drives routing -------------------------------------------
+
+    def basic_enter_room(self, sid: str, namespace: str, room: Any, eio_sid: Any = None) -> None:
+        """Enter a room; a topic room entered directly (app code) gets its channel too."""
+        super().basic_enter_room(sid, namespace, room, eio_sid=eio_sid)
+        if namespace == "/" and isinstance(room, str) and room.startswith("t:"):
+            with self._lock:
+                route = self.routes.by_topic.get(room[2:])
+                needed = route is None or not route.wanted
+                if needed:
+                    self.routes.want(room[2:])
+            if needed:
+                self._wake.set()
+
+    def basic_leave_room(self, sid: str, namespace: str, room: Any) -> None:
+        """Leave a room; the last local member of a topic room starts its channel's linger."""
+        super().basic_leave_room(sid, namespace, room)
+        if namespace == "/" and isinstance(room, str) and room.startswith("t:"):
+            self._maybe_vacate(room[2:])
+
+    def _maybe_vacate(self, topic: str) -> None:
+        if self.rooms.get("/", {}).get(room(topic)):
+            return
+        with self._lock:
+            if topic not in self._joins:
+                self.routes.vacate(topic, time.monotonic())
+
+    def recipients(self, room_name: str) -> int:
+        """Return how many of this worker's connections are in a room of `/`."""
+        members = self.rooms.get("/", {}).get(room_name)
+        return len(members) if members is not None else 0
+
+    # -- the connection -------------------------------------------------------------
+
+    def initialize(self) -> None:
+        """Start the reading loop and the command writer (python-socketio calls this once)."""
+        super().initialize()  # starts `_thread`
+        self.server.start_background_task(self._write_commands)
+
+    def _thread(self) -> None:
+        """Read the queue connection forever: connect, subscribe, dispatch, reconnect."""
+        backoff = BACKOFF_START
+        down = False
+        while not self._closed:
+            try:
+                self._connect()
+                backoff = BACKOFF_START
+                down = self._read(down)
+            except Exception as exc:  # any failure: drop the connection and start over
+                self._disconnected()
+                if self._closed:
+                    return
+                self.reconnects += 1
+                metrics.QUEUE_RECONNECTS.inc()
+                if not down:
+                    log.warning("message queue: Redis unavailable (%s); reconnecting", exc)
+                    down = True
+                time.sleep(backoff)  # gevent-patched: yields to the hub
+                backoff = min(backoff * 2, BACKOFF_MAX)
+
+    def _connect(self) -> None:
+        if self._redis is None:
+            # Its own client (pool), so that Sentinel failovers move it too.
+            self._redis = connect(self._url, "web", max_connections=4)
+            follow_master(self._redis)
+        connection = PubSubConnection(self._redis)
+        with self._lock:
+            self._connection = connection
+            self.routes.reset(connected=True)
+        connection.subscribe([SOCKETIO_CHANNEL])
+        self._wake.set()  # the writer subscribes the routes
+
+    def _disconnected(self) -> None:
+        self.subscribed = False
+        self._live.clear()
+        with self._lock:
+            self.generation += 1
+            connection, self._connection = self._connection, None
+            self.routes.reset(connected=False)
+        if connection is not None:
+            with contextlib.suppress(Exception):  # already broken
+                connection.close()
+
+    def _read(self, down: bool) -> bool:
+        """Dispatch replies until the connection fails (raises) or the manager closes."""
+        connection = self._connection
+        assert connection is not None
+        caught_up: list[Route] = []
+        while not self._closed:
+            replies = connection.read(POLL_SECONDS)
+            self.last_poll = time.monotonic()
+            for reply in replies:
+                if not isinstance(reply, list) or len(reply) < 3:
+                    if isinstance(reply, redis.ResponseError):
+                        log.error("message queue: Redis refused a command: %s", reply)
+                    elif not is_pong(reply):
+                        log.warning("message queue: unexpected reply %.80r", reply)
+                    continue
+                kind, channel = reply[0], reply[1]
+                if kind == _MESSAGE:
+                    if caught_up:
+                        # Before any newer message: each topic stays in order.
+                        self._catch_up(caught_up)
+                        caught_up = []
+                    metrics.QUEUE_MESSAGES.inc()
+                    if channel == _CONTROL:
+                        self._handle_control(reply[2])
+                    else:
+                        self._deliver_routed(channel[len(_CONTROL) + 1 :].decode(), reply[2])
+                elif kind == b"subscribe":
+                    if channel == _CONTROL:
+                        self.subscribed = True
+                        self._live.set()
+                        if down:
+                            log.info("message queue: Redis is back; resubscribed")
+                            down = False
+                        elif self.reconnects == 0:
+                            log.info("message queue: subscribed to %s", SOCKETIO_CHANNEL)
+                        continue
+                    with self._lock:
+                        route = self.routes.confirmed(channel.decode())
+                    if route is not None and self.recipients(room(route.topic)):
+                        # Clients here while the channel was not subscribed
+                        # (a reconnect): what they missed is in history.
+                        caught_up.append(route)
+                elif kind == b"unsubscribe":
+                    with self._lock:
+                        self.routes.left(channel.decode())
+            if caught_up:
+                self._catch_up(caught_up)
+                caught_up = []
+        return down
+
+    def _write_commands(self) -> None:
+        """Send queued (UN)SUBSCRIBE commands in batches; leave routes that lingered out."""
+        while not self._closed:
+            self._wake.wait(EXPIRE_EVERY_SECONDS)
+            self._wake.clear()
+            with self._lock:
+                self.routes.expire(time.monotonic())
+                connection = self._connection
+                subscribe, unsubscribe = self.routes.take_commands()
+            if connection is None or not (subscribe or unsubscribe):
+                continue
+            try:
+                if subscribe:
+                    connection.subscribe(subscribe)
+                if unsubscribe:
+                    connection.subscribe(unsubscribe, "UNSUBSCRIBE")
+            except (redis.RedisError, OSError) as exc:
+                # The reader finds the broken connection too, and resubscribes
+                # every wanted route on the next one.
+                log.debug("message queue: could not send (UN)SUBSCRIBE (%s)", exc)
+
+    def _handle_control(self, raw: bytes) -> None:
+        """Handle a `tidings:socketio` message as python-socketio's PubSubManager does."""
+        try:
+            data = self.json.loads(raw)
+        except ValueError:
+            return  # python-socketio ignores what does not parse (a pickle, say)
+        if not isinstance(data, dict) or "method" not in data:
+            return
+        try:
+            method = data["method"]
+            if method == "callback":
+                self._handle_callback(data)
+            elif data.get("host_id") != self.host_id:
+                handler = {
+                    "emit": self._handle_emit,
+                    "disconnect": self._handle_disconnect,
+                    "enter_room": self._handle_enter_room,
+                    "leave_room": self._handle_leave_room,
+                    "close_room": self._handle_close_room,
+                }.get(method)
+                if handler is not None:
+                    handler(data)
+        except Exception:
+            log.exception("message queue: handling a %r message failed", data.get("method"))
+
+    def _handle_emit(self, message: dict) -> None:
         if message.get("callback") is None and not message.get("binary"):
             # PubSubManager._handle_emit would deliver through `super().emit`,
             # Manager.emit itself, past this class's `emit`: route it here.
@@ -159,74 +552,25 @@ class QueueManager(socketio.RedisManager):
                 message["event"],
                 data,
                 message.get("namespace"),
-                room,
+                message.get("room"),
                 message.get("skip_sid"),
             )
         else:
             super()._handle_emit(message)
-        if message.get("event") == "publications" and isinstance(room, str):
-            with contextlib.suppress(LookupError, TypeError, AttributeError):
-                self.note_offset(room[2:], message["data"][0][-1]["offset"])
-            # The forward script's `tidings` key: path, list size, entry times.
-            meta = message.get("tidings")
-            if isinstance(meta, dict):
-                recipients = self.recipients(room)
-                if recipients:
-                    size = meta.get("n")  # the list's items, without its brackets
-                    size = (size if isinstance(size, int) else 0) + 2
-                    metrics.sent(recipients, size + metrics.PACKET_OVERHEAD)
-                    entered = meta.get("t")
-                    if isinstance(entered, list):
-                        metrics.observe_latencies(str(meta.get("path")), entered, now_ms())
 
-    def _without_replayed(self, topic: str, message: dict) -> dict | None:
-        """Drop from a live message what the last catch-up already replayed; None if all of it.
-
-        A batch forwarded between the resubscribe and the catch-up's history
-        read arrives both ways; the replay reached every client in the room,
-        and anyone joining later read history after it.
-        """
-        upto = self._replayed.get(topic)
-        if upto is None:
-            return message
-        try:
-            pubs = message["data"][0]
-            kept = [i for i, p in enumerate(pubs) if (parse_offset(p["offset"]) or (0, 0)) > upto]
-        except (LookupError, TypeError):
-            return message
-        fresh = [pubs[i] for i in kept]
-        if not fresh:
-            return None
-        # Everything after this message is newer than the replay.
-        del self._replayed[topic]
-        if len(fresh) == len(pubs):
-            return message
-        trimmed = {**message, "data": [fresh]}
-        meta = message.get("tidings")
-        if isinstance(meta, dict) and isinstance(meta.get("t"), list):
-            trimmed["tidings"] = {
-                **meta,
-                "n": len(json.dumps(fresh, separators=(",", ":"))) - 2,
-                "t": [meta["t"][i] for i in kept if i < len(meta["t"])],
-            }
-        return trimmed
-
-    def recipients(self, room: str) -> int:
-        """Return how many of this worker's connections are in a room of `/`."""
-        members = self.rooms.get("/", {}).get(room)
-        return len(members) if members is not None else 0
-
-    def _catch_up(self) -> None:
-        """Replay, room by room, what was forwarded while this worker was not subscribed."""
-        for name in list(self.rooms.get("/", {})):
-            if not isinstance(name, str) or not name.startswith("t:"):
-                continue
+    def _catch_up(self, routes: Iterable[Route]) -> None:
+        """Replay, per topic, what was forwarded while this worker was not subscribed."""
+        wanted = []
+        for route in routes:
+            shown = self._shown.get(route.topic)
+            if shown is not None and self.recipients(room(route.topic)):
+                wanted.append((route.topic, shown[1]))
+        if not wanted:
+            return
+        recoveries = recover_many(self._history, wanted, history_size=self._history_size)
+        for (topic, _), recovery in zip(wanted, recoveries, strict=True):
+            name = room(topic)
             participants = list(self.get_participants("/", name))
-            if not participants:
-                continue
-            topic = name[2:]
-            since = self._shown.get(topic, (None, BEGINNING))[1]
-            recovery = recover(self._history, topic, since, history_size=self._history_size)
             if not recovery.recovered:
                 log.warning(
                     "topic=%s: history no longer covers the gap; resyncing its clients",
@@ -236,61 +580,36 @@ class QueueManager(socketio.RedisManager):
                 for _, eio_sid in participants:
                     abort_connection(self.server.eio, eio_sid)
                 continue
-            if recovery.publications:
-                log.info(
-                    "topic=%s: replayed %d missed publications",
-                    topic,
-                    len(recovery.publications),
-                    extra={"topic": topic},
-                )
-                self.emit(
-                    "publications",
-                    recovery.publications,
-                    namespace="/",
-                    room=name,
-                    ignore_queue=True,
-                )
-                metrics.QUEUE_REPLAYED.inc(len(recovery.publications))
-                size = len(json.dumps(recovery.publications, separators=(",", ":")))
-                metrics.sent(len(participants), size + metrics.PACKET_OVERHEAD)
-                self.note_offset(topic, recovery.publications[-1]["offset"])
-                self._replayed[topic] = parse_offset(recovery.publications[-1]["offset"])
+            pubs = recovery.publications
+            if not pubs:
+                continue
+            log.info(
+                "topic=%s: replayed %d missed publications",
+                topic,
+                len(pubs),
+                extra={"topic": topic},
+            )
+            self._emit_here("publications", pubs, "/", name, None)
+            metrics.QUEUE_REPLAYED.inc(len(pubs))
+            size = len(json.dumps(pubs, separators=(",", ":")))
+            metrics.sent(len(participants), size + metrics.PACKET_OVERHEAD)
+            self.note_offset(topic, pubs[-1]["offset"])
+            self._replayed[topic] = parse_offset(pubs[-1]["offset"])  # type: ignore[assignment]
 
-    def _redis_connect(self) -> None:
-        super()._redis_connect()
-        # The SUBSCRIBE confirmation marks when this worker starts hearing the
-        # queue (`_confirm_subscription`); the base class would swallow it.
-        self.pubsub.ignore_subscribe_messages = False
-        # redis+sentinel://: move to the new master after a failover (the old
-        # one keeps this subscription up but hears nothing); the loop below
-        # then catches up from history as after any outage.
-        follow_master(self.redis)
-
-    def _publish(self, data: Any) -> None:
-        """Publish to the other workers through the app's Redis client, once.
-
-        python-socketio's version reconnects on a failed publish by calling
-        `_redis_connect`, which replaces the pub/sub object the listening loop
-        reads: the worker would poll a pub/sub subscribed to nothing and hear
-        the queue no more, while looking healthy. (A web worker publishes
-        rarely: an emit to a sid it does not hold.)
-        """
-        try:
-            self._history.publish(self.channel, self.json.dumps(data))
-        except redis.RedisError as exc:
-            log.warning("message queue: publish failed (%s); not delivered to other workers", exc)
+    # -- state ---------------------------------------------------------------------
 
     def close(self) -> None:
-        """End the listening loop (tests; a worker simply exits)."""
+        """End the loops (tests; a worker simply exits)."""
         self._closed = True
+        self._wake.set()
+        with self._lock:
+            connection = self._connection
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                connection.close()
 
     def wait_subscribed(self, timeout: float) -> bool:
-        """Wait until Redis has confirmed this worker's subscription; False at the deadline.
-
-        A `subscribe` handler must not read history before then: whatever the
-        listener forwards between that read and the SUBSCRIBE reaching Redis
-        would be neither in the client's recovery nor delivered live.
-        """
+        """Wait until Redis confirmed this worker's `tidings:socketio`; False at the deadline."""
         return self._live.wait(timeout)
 
     @property
@@ -306,57 +625,11 @@ class QueueManager(socketio.RedisManager):
             return False, "message queue loop stalled"
         return True, "subscribed to " + SOCKETIO_CHANNEL
 
-    def _listen(self) -> Iterator[bytes]:
-        channel = self.channel.encode()
-        for message in self._redis_listen_with_retries():
-            if message["type"] == "message" and message["channel"] == channel:
-                metrics.QUEUE_MESSAGES.inc()
-                yield message["data"]
+    def channels(self) -> int:
+        """Return how many per-topic queue channels this worker is subscribed to."""
+        with self._lock:
+            return self.routes.count(LIVE)
 
-    def _confirm_subscription(self) -> None:
-        """Read until Redis confirms the SUBSCRIBE (nothing else can come before it)."""
-        deadline = time.monotonic() + SOCKET_TIMEOUT
-        while time.monotonic() < deadline:
-            reply = self.pubsub.get_message(timeout=POLL_SECONDS)
-            if reply is not None and reply["type"] == "subscribe":
-                return
-        raise redis.TimeoutError("no confirmation of SUBSCRIBE " + self.channel)
-
-    def _redis_listen_with_retries(self) -> Iterator[dict]:
-        backoff = BACKOFF_START
-        down = False
-        while not self._closed:
-            try:
-                self._redis_connect()
-                self.pubsub.subscribe(self.channel)
-                self._confirm_subscription()
-                if down:
-                    # Before any new message, so that each topic stays in order.
-                    self._catch_up()
-                    log.info("message queue: Redis is back; resubscribed and caught up")
-                    down = False
-                self.last_poll = time.monotonic()
-                self.subscribed = True
-                self._live.set()
-                backoff = BACKOFF_START
-                if self.reconnects == 0:
-                    log.info("message queue: subscribed to %s", self.channel)
-                while not self._closed:
-                    message = self.pubsub.get_message(timeout=POLL_SECONDS)
-                    self.last_poll = time.monotonic()
-                    if message is not None:
-                        yield message
-            except Exception as exc:  # any failure: drop the connection and start over
-                self.subscribed = False
-                self._live.clear()
-                if self._closed:
-                    return
-                self.reconnects += 1
-                metrics.QUEUE_RECONNECTS.inc()
-                if not down:
-                    log.warning("message queue: Redis unavailable (%s); reconnecting", exc)
-                    down = True
-                with contextlib.suppress(Exception):  # the connection is already gone
-                    self.redis.close()
-                time.sleep(backoff)  # gevent-patched: yields to the hub
-                backoff = min(backoff * 2, BACKOFF_MAX)
+    def client_name(self) -> str:
+        """Return the CLIENT SETNAME of this worker's queue connection."""
+        return client_name("web")

@@ -18,8 +18,9 @@ import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import flask_socketio
 import redis
@@ -27,19 +28,23 @@ import socketio
 from flask import Flask
 
 from tidings import metrics
-from tidings.history import recover
+from tidings.history import Recovery, recover
 from tidings.keys import room
 from tidings.settings import Settings
 from tidings.topics import is_valid_topic
 from webapp import extensions
 from webapp.grants import Grant, InvalidToken, decode_token, grant_for
 
+if TYPE_CHECKING:
+    from webapp.queue import QueueManager
+
 log = logging.getLogger("tidings.realtime")
 
 NAMESPACE = "/"
 SWEEP_SECONDS = 1.0
-# How long a `subscribe` waits for this worker's message-queue subscription
-# before answering `unavailable` (clients retry): under the clients' ack timeouts.
+# How long a `subscribe` waits for this worker's subscription to the topic's
+# queue channel before answering `unavailable` (clients retry): under the
+# clients' ack timeouts.
 SUBSCRIBED_WAIT_SECONDS = 3.0
 
 
@@ -80,6 +85,50 @@ class Connections:
 
 def _error(error: str) -> dict[str, Any]:
     return {"ok": False, "error": error}
+
+
+def _ack(topic: str, recovery: Recovery) -> dict[str, Any]:
+    return {
+        "ok": True,
+        "topic": topic,
+        "offset": recovery.offset,
+        "recovered": recovery.recovered,
+        "publications": recovery.publications,
+    }
+
+
+# Per greenlet (thread, outside gevent): what to do once the ack is queued.
+_replying = threading.local()
+
+
+def after_reply(action: Callable[[], None]) -> None:
+    """Run `action` right after python-socketio has queued this event's ack to the client."""
+    actions = getattr(_replying, "actions", None)
+    if actions is None:
+        action()  # not inside an event (a direct call): nothing to wait for
+    else:
+        actions.append(action)
+
+
+def _run_after_replies(server: socketio.Server) -> None:
+    """Make the server run `after_reply` actions once each event's ack is queued.
+
+    python-socketio sends a handler's return value as the ack after the
+    handler returns, with no switch to another greenlet in between; an
+    action run here is the first thing to reach the client after the ack.
+    """
+    handle = server._handle_event_internal
+
+    def handle_then_act(*args: Any) -> None:
+        _replying.actions = []
+        try:
+            handle(*args)
+        finally:
+            actions, _replying.actions = _replying.actions, None
+            for action in actions:
+                action()
+
+    server._handle_event_internal = handle_then_act
 
 
 class Handlers:
@@ -158,48 +207,87 @@ class Handlers:
             metrics.limit_hit("subscriptions")
             return _error("limit")
         # Looked up per call: tests swap the manager after the app is built.
-        manager = self.app.extensions["tidings.queue"]
-        if manager is not None and not manager.wait_subscribed(SUBSCRIBED_WAIT_SECONDS):
-            # This worker is not hearing the queue (starting, or Redis is away):
-            # history read now could miss what is forwarded before it hears again.
+        manager: QueueManager | None = self.app.extensions["tidings.queue"]
+        if manager is None:  # no message queue (Flask-SocketIO's test client)
+            return self._subscribe_here(sid, topic, payload.get("since"), grant, expires, new)
+        if not new:
+            # Again on the same connection: out of the room first, so that
+            # the live stream and the recovery cannot overlap.
+            self.server.leave_room(sid, room(topic), namespace=NAMESPACE)
+        join = manager.begin_join(sid, topic)
+        # Redis confirms the worker's subscription to the topic's channel
+        # before history is read: whatever is forwarded after the read then
+        # reaches this worker, and is held for the client until its ack.
+        if not join.route.live.wait(SUBSCRIBED_WAIT_SECONDS):
+            manager.cancel_join(join)
+            self._forget(topic, grant, new)
             log.warning("subscribe %s: this worker is not subscribed to the message queue", topic)
             return _error("unavailable")
-        # Join before reading history: a publication in between then arrives
-        # twice (live and recovered) and the client drops the copy by offset;
-        # reading first could lose it.
+        join.generation = manager.generation
+        try:
+            recovery = self._recover(topic, payload.get("since"))
+        except redis.RedisError as exc:
+            manager.cancel_join(join)
+            self._forget(topic, grant, new)
+            log.warning("subscribe %s: Redis unavailable (%s)", topic, exc)
+            return _error("unavailable")
+        if join.generation != manager.generation:
+            # The queue connection dropped during the read: what was held may
+            # have a hole that neither the read nor the room would fill.
+            manager.cancel_join(join)
+            self._forget(topic, grant, new)
+            log.warning("subscribe %s: the message queue reconnected meanwhile", topic)
+            return _error("unavailable")
+        after_reply(lambda: manager.finish_join(join, recovery.offset))
+        self._subscribed(sid, topic, grant, expires, new)
+        return _ack(topic, recovery)
+
+    def _subscribe_here(
+        self, sid: str, topic: str, since: Any, grant: Grant, expires: float | None, new: bool
+    ) -> dict[str, Any]:
+        """Subscribe without a message queue: join the room, then read history."""
         self.server.enter_room(sid, room(topic), namespace=NAMESPACE)
+        try:
+            recovery = self._recover(topic, since)
+        except redis.RedisError as exc:
+            self.server.leave_room(sid, room(topic), namespace=NAMESPACE)
+            self._forget(topic, grant, new)
+            log.warning("subscribe %s: Redis unavailable (%s)", topic, exc)
+            return _error("unavailable")
+        self._subscribed(sid, topic, grant, expires, new)
+        return _ack(topic, recovery)
+
+    def _subscribed(
+        self, sid: str, topic: str, grant: Grant, expires: float | None, new: bool
+    ) -> None:
         grant.topics[topic] = expires
         if expires is not None:
             self.connections.expiring.add(sid)
-        try:
-            recovery = recover(
-                self.app.extensions["tidings.redis"],
-                topic,
-                payload.get("since"),
-                history_size=settings.history_size,
-            )
-        except redis.RedisError as exc:
-            self.server.leave_room(sid, room(topic), namespace=NAMESPACE)
-            grant.topics.pop(topic, None)
-            log.warning("subscribe %s: Redis unavailable (%s)", topic, exc)
-            return _error("unavailable")
-        if manager is not None:
-            manager.note_offset(topic, recovery.offset)
         if new:
             metrics.subscription_changed(topic, 1)
-        return {
-            "ok": True,
-            "topic": topic,
-            "offset": recovery.offset,
-            "recovered": recovery.recovered,
-            "publications": recovery.publications,
-        }
+
+    def _recover(self, topic: str, since: Any) -> Recovery:
+        return recover(
+            self.app.extensions["tidings.redis"],
+            topic,
+            since,
+            history_size=self.settings.history_size,
+        )
+
+    def _forget(self, topic: str, grant: Grant, new: bool) -> None:
+        """After a failed subscribe: a resubscribe that failed leaves the topic unsubscribed."""
+        if not new and topic in grant.topics:
+            del grant.topics[topic]
+            metrics.subscription_changed(topic, -1)
 
     def unsubscribe(self, sid: str, payload: Any = None, *_: Any) -> dict[str, Any]:
-        """Leave a topic's room."""
+        """Leave a topic's room (or stop a join still under way)."""
         topic = payload.get("topic") if isinstance(payload, dict) else None
         if not is_valid_topic(topic):
             return _error("invalid_topic")
+        manager: QueueManager | None = self.app.extensions["tidings.queue"]
+        if manager is not None:
+            manager.cancel_joins_of(sid, topic)
         self.server.leave_room(sid, room(topic), namespace=NAMESPACE)
         connection = self.connections.by_sid.get(sid)
         if connection is not None and topic in connection.grant.topics:
@@ -305,6 +393,7 @@ def init_app(app: Flask) -> None:
     server = extensions.socketio.server
     handlers = Handlers(app, server)
     app.extensions["tidings.realtime"] = handlers
+    _run_after_replies(server)
     server.on("connect", handlers.connect, namespace=NAMESPACE)
     server.on("disconnect", handlers.disconnect, namespace=NAMESPACE)
     server.on("subscribe", handlers.subscribe, namespace=NAMESPACE)

@@ -13,6 +13,7 @@ import requests
 from tests.support import ROOT, Stack, wait_for
 from tidings.client import TidingsClient
 from tidings.history import parse_offset
+from tidings.keys import history_key
 
 pytestmark = pytest.mark.integration
 
@@ -132,6 +133,8 @@ def test_a_client_that_reconnects_recovers_what_it_missed(api_stack: Stack) -> N
     since = recorder.client.last_offset(topic)
     recorder.client.disconnect()
     api_stack.publish_many([(topic, i) for i in range(5, 12)])
+    # Missed while away: forwarded (in history) before the client comes back.
+    wait_for(lambda: api_stack.redis().xlen(history_key(topic)) == 12, timeout=10)
     # A new connection, resuming from the offset the old one reached.
     again = Recorder(api_stack, "websocket")
     again.client.connect()

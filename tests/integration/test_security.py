@@ -131,13 +131,13 @@ def test_the_api_key_never_reaches_the_logs(secured: Stack) -> None:
 
 # The web tier's Redis user: its channels and keys only (README, "Security").
 WEB_ACL = (
-    "on >web-pass resetchannels &tidings:socketio "
+    "on >web-pass resetchannels &tidings:socketio &tidings:socketio:* "
     "%R~tidings:history:* %R~tidings:listener ~tidings:ingest ~tidings:receipt:* ~tidings:stats:* "
     "-@all +ping +client|setname +subscribe +unsubscribe +publish "
     "+xrange +xrevrange +xadd +pttl +get +blpop +del +hset +hgetall +expire +scan +exists"
 )
 LISTENER_ACL = (
-    "on >listener-pass resetchannels &tidings:topic:* &tidings:socketio ~tidings:* "
+    "on >listener-pass resetchannels &tidings:topic:* &tidings:socketio:* ~tidings:* "
     "-@all +@connection +client|setname +psubscribe +punsubscribe +publish "
     "+@stream +@scripting +get +set +del +pexpire +pttl +exists +expire +rpush +hset +hgetall"
 )

@@ -27,10 +27,13 @@ from geventwebsocket.websocket import Stream, WebSocket
 from websocket import ABNF
 from websocket._abnf import frame_buffer
 
+from tests.support import forwarded_message
 from tidings import metrics
 from tidings.keys import history_key
 from webapp import backpressure, fanout
+from webapp import queue as queue_module
 from webapp.queue import QueueManager
+from webapp.routing import Route
 
 ROOM = "t:public.x"
 
@@ -353,40 +356,41 @@ def test_callbacks_and_binary_data_take_python_socketio_s_path(harness: Harness)
     assert (attachment.opcode, attachment.data) == (ABNF.OPCODE_BINARY, b"\x01\x02")
 
 
-def test_queue_messages_go_out_directly_and_are_counted(
-    harness: Harness, monkeypatch: pytest.MonkeyPatch
+def test_routed_messages_go_out_directly_framed_from_the_bytes_and_are_counted(
+    redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    conn = harness.connect()
-    counted: list[tuple[int, int]] = []
-    monkeypatch.setattr(metrics, "sent", lambda n, size: counted.append((n, size)))
-    pubs = [{"topic": "public.x", "offset": "5-0", "data": {"n": 7}}]
-    harness.manager._handle_emit(
-        {
-            "method": "emit",
-            "event": "publications",
-            "data": [pubs],
-            "binary": False,
-            "namespace": "/",
-            "room": ROOM,
-            "skip_sid": None,
-            "callback": None,
-            "host_id": "listener",
-            "tidings": {"n": 10, "t": [], "path": "fast"},
-        }
-    )
-    assert harness.queued == []
-    assert conn.numbers(1) == [7]
-    assert counted == [(1, 12 + metrics.PACKET_OVERHEAD)]
-    assert harness.manager._shown["public.x"][1] == "5-0"
+    harness = Harness(history=redis_client)
+    try:
+        conn = harness.connect()
+        counted: list[tuple[int, int]] = []
+        monkeypatch.setattr(metrics, "sent", lambda n, size: counted.append((n, size)))
+        raw = forwarded_message(redis_client, "public.x", [{"n": 7}])
+        # The publications list is sliced out of the message, never decoded:
+        # only the small `tidings` metadata is.
+        decoded: list[bytes] = []
+        real_loads = json.loads
+        spy = SimpleNamespace(loads=lambda text: decoded.append(text) or real_loads(text))
+        monkeypatch.setattr(queue_module, "json", spy)
+        harness.manager._deliver_routed("public.x", raw)
+        assert decoded and not any(b'"offset"' in text for text in decoded)
+        assert harness.queued == []
+        (frame,) = conn.read(1)
+        event, (pub,) = json.loads(frame.data.decode()[2:])
+        assert event == "publications" and pub["data"] == {"n": 7}
+        assert counted == [(1, len(frame.data))]
+        assert harness.manager._shown["public.x"][1] == pub["offset"]
+    finally:
+        harness.close()
 
 
 def test_catch_up_replays_directly(redis_client: redis.Redis) -> None:
     harness = Harness(history=redis_client)
     try:
         conn = harness.connect()
+        harness.manager.note_offset("public.x", "0-0")  # the room saw the topic empty
         for n in range(3):
             redis_client.xadd(history_key("public.x"), {"d": json.dumps({"n": n})})
-        harness.manager._catch_up()
+        harness.manager._catch_up([Route("public.x")])
         assert harness.queued == []
         assert conn.numbers(1) == [0, 1, 2]
     finally:

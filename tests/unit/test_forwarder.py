@@ -6,7 +6,7 @@ import redis
 from tidings.connection import connect
 from tidings.forwarder import Fenced, Forwarder, Publication
 from tidings.history import parse_offset, recover
-from tidings.keys import INGEST_GROUP, INGEST_STREAM, LEASE_KEY, SOCKETIO_CHANNEL
+from tidings.keys import INGEST_GROUP, INGEST_STREAM, LEASE_KEY, QUEUE_TOPIC_PREFIX
 from tidings.lease import Lease
 
 
@@ -16,10 +16,11 @@ def forwarder(redis_client: redis.Redis) -> Forwarder:
 
 
 def queue_messages(pubsub: redis.client.PubSub) -> list[dict]:
+    """Decode the queue messages received, each with the channel it came on."""
     messages = []
     while (message := pubsub.get_message(timeout=0.2)) is not None:
-        if message["type"] == "message":
-            messages.append(json.loads(message["data"]))
+        if message["type"] == "pmessage":
+            messages.append({**json.loads(message["data"]), "_channel": message["channel"]})
     return messages
 
 
@@ -27,7 +28,7 @@ def test_one_queue_message_per_topic_with_increasing_offsets(
     redis_client: redis.Redis, forwarder: Forwarder
 ) -> None:
     pubsub = redis_client.pubsub()
-    pubsub.subscribe(SOCKETIO_CHANNEL)
+    pubsub.psubscribe(QUEUE_TOPIC_PREFIX + "*")
     offsets = forwarder.forward(
         [
             Publication("a", '{"n":1}', 5),
@@ -38,6 +39,8 @@ def test_one_queue_message_per_topic_with_increasing_offsets(
     assert len(offsets) == 3
     messages = queue_messages(pubsub)
     assert [m["room"] for m in messages] == ["t:a", "t:b"]
+    # Each topic's own channel: only the web workers with its clients hear it.
+    assert [m["_channel"] for m in messages] == [b"tidings:socketio:a", b"tidings:socketio:b"]
     first = messages[0]
     # python-socketio's pub/sub manager format: one argument, the list.
     assert first["method"] == "emit" and first["event"] == "publications"
@@ -96,7 +99,7 @@ def test_fenced_forwarder_writes_and_emits_nothing(
     forwarder.forward([Publication("a", "1")], lease_token=lease.token)
     redis_client.set(LEASE_KEY, "someone else")
     pubsub = redis_client.pubsub()
-    pubsub.subscribe(SOCKETIO_CHANNEL)
+    pubsub.psubscribe(QUEUE_TOPIC_PREFIX + "*")
     with pytest.raises(Fenced):
         forwarder.forward([Publication("a", "2")], lease_token=lease.token)
     assert redis_client.xlen("tidings:history:a") == 1

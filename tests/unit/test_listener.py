@@ -11,7 +11,7 @@ import pytest
 import redis
 
 from tests.support import RedisServer, SlowPath, wait_for
-from tidings.keys import INGEST_GROUP, INGEST_STREAM, LEASE_KEY, SOCKETIO_CHANNEL
+from tidings.keys import INGEST_GROUP, INGEST_STREAM, LEASE_KEY, QUEUE_TOPIC_PREFIX
 from tidings.lease import Lease
 from tidings.listener import Listener
 from tidings.settings import Settings
@@ -26,13 +26,13 @@ class Running:
         self.thread = threading.Thread(target=lambda: self.result.append(self.listener.run()))
         self.client = client
         self.pubsub = client.pubsub(ignore_subscribe_messages=True)
-        self.pubsub.subscribe(SOCKETIO_CHANNEL)
+        self.pubsub.psubscribe(QUEUE_TOPIC_PREFIX + "*")
         self.received: list[dict] = []
 
     def start(self) -> Running:
         self.thread.start()
         wait_for(lambda: self.client.exists(LEASE_KEY), timeout=5)
-        wait_for(lambda: int(self.client.pubsub_numpat()) >= 1, timeout=5)
+        wait_for(lambda: int(self.client.pubsub_numpat()) >= 2, timeout=5)
         return self
 
     def publications(self) -> list[dict]:
@@ -139,7 +139,7 @@ def test_goes_on_after_a_redis_restart(tmp_path: Path) -> None:
         server.stop()
         server.start()
         running.pubsub = client.pubsub(ignore_subscribe_messages=True)
-        running.pubsub.subscribe(SOCKETIO_CHANNEL)
+        running.pubsub.psubscribe(QUEUE_TOPIC_PREFIX + "*")
 
         def delivered_again() -> bool:
             client.publish("tidings:topic:public.r", b"2")

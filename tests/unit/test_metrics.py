@@ -16,11 +16,12 @@ from tidings.forwarder import Forwarder, Publication, now_ms
 from tidings.keys import (
     INGEST_GROUP,
     INGEST_STREAM,
-    SOCKETIO_CHANNEL,
     STATS_DROPS_KEY,
     STATS_LISTENER_KEY,
+    queue_channel,
 )
 from tidings.settings import Settings
+from webapp.queue import split_message
 
 
 def value(name: str, **labels: str) -> float:
@@ -168,7 +169,7 @@ def test_queue_messages_carry_metrics_that_clients_never_see(
     redis_client: redis.Redis,
 ) -> None:
     pubsub = redis_client.pubsub(ignore_subscribe_messages=True)
-    pubsub.subscribe(SOCKETIO_CHANNEL)
+    pubsub.subscribe(queue_channel("a"))
     forwarder = Forwarder(redis_client, history_size=10, history_ttl=100)
     forwarder.forward(
         [
@@ -183,8 +184,13 @@ def test_queue_messages_carry_metrics_that_clients_never_see(
     assert decoded["tidings"]["path"] == "ingest"
     assert decoded["tidings"]["t"] == [5, 7, None]
     body = message["data"].decode()
-    inner = body[body.index('"data":[[') + len('"data":[[') : body.index(']],"tidings"')]
+    inner = body[body.index('"data":[[') + len('"data":[[') : -len("]]}")]
     assert decoded["tidings"]["n"] == len(inner.encode())
+    offsets = [p["offset"] for p in decoded["data"][0]]
+    assert (decoded["tidings"]["first"], decoded["tidings"]["last"]) == (offsets[0], offsets[-1])
+    # The list comes last, so the web tier slices it out without decoding.
+    listing, meta = split_message(message["data"])
+    assert json.loads(listing) == decoded["data"][0] and meta == decoded["tidings"]
     # What clients get is the contract's list, nothing more.
     assert all(set(p) == {"topic", "offset", "data"} for p in decoded["data"][0])
 

@@ -202,7 +202,7 @@ def test_publish_api_wait_times_out_without_a_listener(app: Flask) -> None:
 def test_subscribe_waits_for_the_workers_queue_subscription(
     socket_app: Flask, redis_server, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """History is read only once Redis has confirmed this worker hears the queue."""
+    """History is read only once Redis has confirmed this worker hears the topic's channel."""
     from tests.support import wait_for
     from webapp import realtime
     from webapp.queue import QueueManager
@@ -216,14 +216,23 @@ def test_subscribe_waits_for_the_workers_queue_subscription(
         "error": "unavailable",
     }
     assert "t:public.a" not in socketio.server.manager.rooms.get("/", {})  # never joined
-    loop = threading.Thread(target=lambda: list(manager._listen()), daemon=True)
-    loop.start()
+    loops = [
+        threading.Thread(target=manager._thread, daemon=True),
+        threading.Thread(target=manager._write_commands, daemon=True),
+    ]
+    for loop in loops:
+        loop.start()
     try:
         wait_for(lambda: manager.subscribed, timeout=5)
         assert client.emit("subscribe", {"topic": "public.a"}, callback=True)["ok"]
+        # Acked only once Redis confirmed the topic's own queue channel.
+        assert redis_client.pubsub_numsub("tidings:socketio:public.a") == [
+            (b"tidings:socketio:public.a", 1)
+        ]
     finally:
         manager.close()
-        loop.join(timeout=5)
+        for loop in loops:
+            loop.join(timeout=5)
 
 
 def test_handlers_are_called_by_python_socketio_directly(socket_app: Flask) -> None:
