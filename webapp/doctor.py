@@ -291,7 +291,8 @@ def check_proxies(client: redis.Redis, settings: Settings) -> Check:
         return Check(
             "proxies",
             OK,
-            f"no X-Forwarded-For from an untrusted peer ({len(workers)} web worker(s) report)",
+            f"no X-Forwarded-For from an untrusted peer ({len(workers)} web worker(s) report; "
+            f"trusted here: {trusted})",
             details,
         )
     now = time.time()
