@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -482,3 +484,159 @@ class SlowPath:
         for sock in (source, sink):
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
+
+
+# -- nginx, as deploy/nginx ships it -------------------------------------------------------
+
+
+def nginx_binary() -> str:
+    """Return nginx from PATH (or Debian's /usr/sbin); skip, or fail under CI, without it."""
+    found = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
+    if found:
+        return found
+    message = "no nginx (apt-get install nginx; `make test` does as root)"
+    if IN_CI:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+class Nginx:
+    """nginx with deploy/nginx/ configuration, on a free port, in front of one or two `nodes`."""
+
+    def __init__(self, directory: Path, nodes: list[int], *, sticky: bool = True) -> None:
+        self.directory = directory
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        directory.mkdir(parents=True)
+        site = (ROOT / "deploy/nginx/tidings.conf").read_text()
+        second = f"server 127.0.0.1:{nodes[1]} " if len(nodes) > 1 else "# server 127.0.0.1:8002 "
+        replacements = [
+            ("listen 8080;", f"listen 127.0.0.1:{self.port};"),
+            ("server 127.0.0.1:8001 ", f"server 127.0.0.1:{nodes[0]} "),
+            ("server 127.0.0.1:8002 ", second),
+        ]
+        if not sticky:  # the commented websocket-only variant
+            replacements += [
+                ("\n    ip_hash;", "\n    # ip_hash;"),
+                ("# least_conn;", "least_conn;"),
+            ]
+        for old, new in replacements:
+            assert site.count(old) == 1, f"deploy/nginx/tidings.conf no longer has {old!r}"
+            site = site.replace(old, new)
+        (directory / "tidings.conf").write_text(site)
+        shutil.copy(ROOT / "deploy/nginx/loopback.conf", directory / "nginx.conf")
+        self.proc: Proc | None = None
+
+    def start(self) -> None:
+        """Start nginx in the foreground and wait until it proxies /healthz."""
+        self.proc = Proc(
+            "nginx",
+            [
+                nginx_binary(),
+                *("-p", str(self.directory), "-e", "stderr"),
+                *("-c", str(self.directory / "nginx.conf"), "-g", "daemon off;"),
+            ],
+            dict(os.environ),
+            self.directory / "nginx.log",
+        )
+        wait_for(self._serves, timeout=20)
+
+    def _serves(self) -> bool:
+        assert self.proc is not None
+        assert self.proc.alive(), self.proc.log()
+        try:
+            return requests.get(self.url + "/healthz", timeout=5).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def stop(self) -> None:
+        """Stop nginx."""
+        if self.proc is not None:
+            self.proc.stop()
+
+
+# -- a bare Socket.IO connect, from a source address of the test's choosing ---------------
+
+
+class BareConnect:
+    """One websocket to `/socket.io/`, Socket.IO CONNECT sent, the answer read; kept open.
+
+    Hundreds of these cost a socket each, no thread: enough to count
+    connections per client address. The socket is bound to `source` (any of
+    127.0.0.0/8 is this host) before it connects, so each can be a client of
+    its own.
+    """
+
+    def __init__(
+        self,
+        port: int,
+        source: str,
+        headers: Sequence[tuple[str, str]] = (),
+        timeout: float = 10,
+    ) -> None:
+        self.sock = socket.socket()
+        self.sock.settimeout(timeout)
+        self._reader = self.sock.makefile("rb")
+        self.answer = ""
+        try:
+            self.sock.bind((source, 0))
+            self.sock.connect(("127.0.0.1", port))
+            self.answer = self._connect(port, headers)
+        except BaseException:
+            self.close()
+            raise
+
+    def _connect(self, port: int, headers: Sequence[tuple[str, str]]) -> str:
+        key = base64.b64encode(os.urandom(16)).decode()
+        lines = [
+            "GET /socket.io/?EIO=4&transport=websocket HTTP/1.1",
+            f"Host: 127.0.0.1:{port}",
+            "Upgrade: websocket",
+            "Connection: Upgrade",
+            f"Sec-WebSocket-Key: {key}",
+            "Sec-WebSocket-Version: 13",
+            *(f"{name}: {value}" for name, value in headers),
+        ]
+        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        status = self._reader.readline()
+        assert b" 101 " in status, status
+        while self._reader.readline() not in (b"\r\n", b""):
+            pass
+        opened = self._read_text()
+        assert opened.startswith("0{"), opened  # engine.io OPEN
+        self._send_text("40")  # Socket.IO CONNECT to "/"
+        while True:
+            text = self._read_text()
+            if text == "2":  # engine.io PING, if the wait was long
+                self._send_text("3")
+            elif text.startswith("40"):
+                return "connected"
+            elif text.startswith("44"):  # CONNECT_ERROR
+                return str(json.loads(text[2:]).get("message"))
+            else:
+                raise AssertionError(f"unexpected packet {text!r}")
+
+    def _read_text(self) -> str:
+        head = self._reader.read(2)
+        if len(head) < 2:
+            return "closed"
+        opcode, length = head[0] & 0x0F, head[1] & 0x7F
+        if length == 126:
+            length = struct.unpack("!H", self._reader.read(2))[0]
+        elif length == 127:
+            length = struct.unpack("!Q", self._reader.read(8))[0]
+        payload = self._reader.read(length)
+        return "closed" if opcode == 0x8 else payload.decode()
+
+    def _send_text(self, text: str) -> None:
+        payload = text.encode()
+        assert len(payload) < 126
+        mask = os.urandom(4)  # clients must mask (RFC 6455)
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        self.sock.sendall(bytes([0x81, 0x80 | len(payload)]) + mask + masked)
+
+    def close(self) -> None:
+        """Close the socket (the server sees the connection go)."""
+        with contextlib.suppress(OSError):
+            self._reader.close()  # the socket stays open while its file does
+            self.sock.close()

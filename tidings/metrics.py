@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from bisect import bisect_left
 from collections.abc import Iterable
 
@@ -28,6 +29,7 @@ from tidings.stats import LATENCY_BUCKETS
 from tidings.topics import matches_any
 
 _limit_log = RateLimited(logging.getLogger("tidings.limits"), interval=10.0)
+_proxy_log = RateLimited(logging.getLogger("tidings.addresses"), interval=10.0)
 
 CONNECTED_CLIENTS = Gauge(
     "tidings_connected_clients",
@@ -85,6 +87,11 @@ QUEUE_REPLAYED = Counter(
     "tidings_queue_replayed",
     "Publications replayed from history after a message-queue outage.",
 )
+UNTRUSTED_FORWARDED = Counter(
+    "tidings_untrusted_forwarded",
+    "Socket.IO connections whose X-Forwarded-For was ignored: their peer is not in "
+    "TIDINGS_TRUSTED_PROXIES.",
+)
 HUB_BLOCKED = Counter(
     "tidings_gevent_hub_blocked",
     "Times gevent's monitor saw a web worker's event loop blocked longer than "
@@ -101,7 +108,18 @@ _public: tuple[str, ...] = ("public.*",)
 _labels: dict[str, str] = {}
 # Plain per-process totals for the operator view (prometheus values are
 # per-file in multiprocess mode; these are cheap to read).
-totals: dict[str, int] = {"messages_sent": 0, "bytes_sent": 0, "slow_cuts": 0, "limit_hits": 0}
+totals: dict[str, int] = {
+    "messages_sent": 0,
+    "bytes_sent": 0,
+    "slow_cuts": 0,
+    "limit_hits": 0,
+    "untrusted_forwarded": 0,
+}
+# The peers whose X-Forwarded-For was ignored, newest last, with when (ms):
+# what the doctor names. A few: an operator needs the proxy's address, and
+# a spoofing client must not grow it.
+RECENT_UNTRUSTED_PEERS = 8
+untrusted_peers: dict[str, int] = {}
 
 
 def configure(public_topics: Iterable[str]) -> None:
@@ -136,6 +154,21 @@ def limit_hit(kind: str) -> None:
     LIMIT_HITS.labels(label).inc()
     totals["limit_hits"] += 1
     _limit_log.warning(label, "limit hit: %s", label)
+
+
+def untrusted_forwarded(peer: str) -> None:
+    """Count a request whose X-Forwarded-For was ignored, remembering its peer; log it (limited)."""
+    UNTRUSTED_FORWARDED.inc()
+    totals["untrusted_forwarded"] += 1
+    untrusted_peers.pop(peer, None)
+    untrusted_peers[peer] = int(time.time() * 1000)
+    if len(untrusted_peers) > RECENT_UNTRUSTED_PEERS:
+        del untrusted_peers[next(iter(untrusted_peers))]
+    _proxy_log.warning(
+        "untrusted_forwarded",
+        "ignored X-Forwarded-For from %s: that peer is not in TIDINGS_TRUSTED_PROXIES",
+        peer,
+    )
 
 
 def subscription_changed(topic: str, delta: int) -> None:

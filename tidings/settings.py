@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
+from tidings.addresses import DEFAULT_TRUSTED_PROXIES, Network, parse_networks
 from tidings.topics import is_valid_pattern
 
 SENTINEL_SCHEME = "redis+sentinel"
@@ -51,6 +52,8 @@ class Settings:
     subscribe_rate: int = 20
     max_message_bytes: int = 16384
     max_connections_per_ip: int = 100
+    # Proxies whose X-Forwarded-For names the client (tidings/addresses.py).
+    trusted_proxies: tuple[Network, ...] = parse_networks(DEFAULT_TRUSTED_PROXIES)
     max_publish_body: int = 1024 * 1024
     max_publish_batch: int = 1000
     # The Sentinel master name of a sentinel:// broker (TIDINGS_SENTINEL_MASTER,
@@ -109,6 +112,7 @@ class Settings:
             max_connections_per_ip=_int(
                 env, "TIDINGS_MAX_CONNECTIONS_PER_IP", cls.max_connections_per_ip, 1, 1_000_000
             ),
+            trusted_proxies=_trusted_proxies(env),
             max_publish_body=_int(
                 env, "TIDINGS_MAX_PUBLISH_BODY", cls.max_publish_body, 1024, 1 << 30
             ),
@@ -341,6 +345,14 @@ def _origins(raw: str) -> tuple[str, ...]:
         if origin != "*" and (parts.scheme not in ("http", "https") or not parts.netloc):
             raise ConfigError("TIDINGS_CORS_ORIGINS", f"not an origin: {origin!r}")
     return origins
+
+
+def _trusted_proxies(env: Mapping[str, str]) -> tuple[Network, ...]:
+    # Unset: the default; set but empty: no proxy is trusted, every header ignored.
+    try:
+        return parse_networks(env.get("TIDINGS_TRUSTED_PROXIES", DEFAULT_TRUSTED_PROXIES))
+    except ValueError as exc:
+        raise ConfigError("TIDINGS_TRUSTED_PROXIES", str(exc)) from None
 
 
 def load_or_exit(env: Mapping[str, str] | None = None) -> Settings:

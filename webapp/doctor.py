@@ -10,6 +10,8 @@ deployments before:
   PUBLISH answers its receiver count); more than one is the duplicate
   listener bug;
 - web_workers: how many web workers are subscribed to `tidings:socketio`;
+- proxies: peers whose `X-Forwarded-For` the web workers ignored (a proxy
+  missing from TIDINGS_TRUSTED_PROXIES makes all its clients one address);
 - ingest: the stream's length, pending entries, consumer lag;
 - gunicorn: the settings of gunicorn.conf.py that break Socket.IO
   (preload_app, several workers with polling clients, too few
@@ -46,13 +48,14 @@ import redis
 from flask import Flask, current_app
 from flask.cli import with_appcontext
 
+from tidings.addresses import describe
 from tidings.forwarder import now_ms
 from tidings.history import parse_offset
 from tidings.keys import INGEST_GROUP, INGEST_STREAM, SOCKETIO_CHANNEL, topic_channel
 from tidings.lease import current_holder
 from tidings.publishing import publish
 from tidings.settings import Settings
-from tidings.stats import ingest_backlog, read_listener
+from tidings.stats import ingest_backlog, read_listener, read_webs
 from tidings.topics import is_valid_topic, matches_any
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "fail", "skip"
@@ -264,6 +267,48 @@ def check_web_workers(client: redis.Redis, gunicorn_workers: int | None) -> Chec
     if named is not None and int(subscribers) > len(named):
         line += f"; {int(subscribers) - len(named)} other subscriber(s)"
     return Check("web_workers", OK, line, details)
+
+
+def check_proxies(client: redis.Redis, settings: Settings) -> Check:
+    """Peers whose X-Forwarded-For the web workers ignored (proxies not yet trusted?)."""
+    workers = read_webs(client)
+    trusted = describe(settings.trusted_proxies)
+    details: dict[str, Any] = {"workers": len(workers), "trusted_here": trusted}
+    if not workers:
+        return Check("proxies", SKIP, "no web worker reports its stats", details)
+    ignored = 0
+    peers: dict[str, int] = {}  # peer -> last seen (ms), across workers
+    for worker in workers:
+        try:
+            ignored += int(worker.get("untrusted_forwarded", 0))
+            seen = json.loads(worker.get("untrusted_peers") or "{}")
+            for peer, when in seen.items():
+                peers[str(peer)] = max(peers.get(str(peer), 0), int(when))
+        except (ValueError, TypeError, AttributeError):
+            continue  # an older worker's or a hand-edited field
+    details.update(ignored=ignored, peers=sorted(peers))
+    if not ignored:
+        return Check(
+            "proxies",
+            OK,
+            f"no X-Forwarded-For from an untrusted peer ({len(workers)} web worker(s) report; "
+            f"trusted here: {trusted})",
+            details,
+        )
+    now = time.time()
+    named = ", ".join(
+        f"{peer} (last {_duration(max(now - when / 1000, 0))} ago)"
+        for peer, when in sorted(peers.items(), key=lambda item: -item[1])
+    )
+    return Check(
+        "proxies",
+        WARN,
+        f"X-Forwarded-For ignored on {ignored} connection(s) from {named or 'unknown peers'}: "
+        "a proxy there is not trusted, so all its clients count as one address "
+        "(TIDINGS_MAX_CONNECTIONS_PER_IP); if it is yours, add it to TIDINGS_TRUSTED_PROXIES "
+        f"(here: {trusted}) and restart the web tier; if not, a client sent the header itself",
+        details,
+    )
 
 
 def check_ingest(client: redis.Redis) -> Check:
@@ -544,6 +589,7 @@ def run_checks(client: redis.Redis, settings: Settings, options: Options) -> lis
         ("lease", lambda: check_lease(client)),
         ("listeners", lambda: check_listeners(client, settings, topic)),
         ("web_workers", lambda: check_web_workers(client, gunicorn_workers)),
+        ("proxies", lambda: check_proxies(client, settings)),
         ("ingest", lambda: check_ingest(client)),
     )
     for name, run in redis_checks:

@@ -15,6 +15,7 @@ refreshes this worker's stats hash for the operator view.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import time
@@ -320,6 +321,8 @@ class Sampler:
             "hub_blocked": self.hub_blocked,
             **metrics.totals,
         }
+        if metrics.untrusted_peers:  # for the doctor: {peer: last seen, ms}
+            numbers["untrusted_peers"] = json.dumps(metrics.untrusted_peers)
         # Redis down: /readyz and the queue loop report it; the next second retries.
         with contextlib.suppress(redis.RedisError):
             stats.write_web(self.client, self.worker, numbers)

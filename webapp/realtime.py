@@ -33,6 +33,7 @@ from tidings.keys import room
 from tidings.settings import Settings
 from tidings.topics import is_valid_topic
 from webapp import extensions
+from webapp.addresses import client_address
 from webapp.grants import Grant, InvalidToken, decode_token, grant_for
 
 if TYPE_CHECKING:
@@ -144,7 +145,7 @@ class Handlers:
         """Accept a connection, with a token's grant when one is given."""
         settings = self.settings
         connections = self.connections
-        ip = environ.get("REMOTE_ADDR") or "?"
+        ip = client_address(environ, settings)
         if connections.per_ip[ip] >= settings.max_connections_per_ip:
             log.warning("refused a connection: %s has %d already", ip, connections.per_ip[ip])
             metrics.limit_hit("connections_per_ip")

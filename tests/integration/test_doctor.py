@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 
-from tests.support import ROOT, VENV_BIN, Stack, wait_for
+from tests.support import ROOT, VENV_BIN, BareConnect, Stack, wait_for
+from tidings.stats import read_webs
 
 pytestmark = pytest.mark.integration
 
@@ -78,6 +79,7 @@ def test_a_healthy_stack_passes(stack: Stack) -> None:
         "lease": "ok",
         "listeners": "ok",
         "web_workers": "ok",
+        "proxies": "ok",
         "ingest": "ok",
         "gunicorn": "ok",
         "probe": "ok",
@@ -90,7 +92,7 @@ def test_a_healthy_stack_passes(stack: Stack) -> None:
     status, text = doctor(stack, "--timeout", "5", text=True)
     print("\n" + text)
     assert status == 0 and text.strip().endswith("verdict: ok, with warnings (redis)")
-    assert len(text.strip().splitlines()) == 1 + 7 + 1
+    assert len(text.strip().splitlines()) == 1 + 8 + 1
 
 
 def test_a_second_subscriber_is_the_duplicate_listener_bug(
@@ -125,6 +127,25 @@ def test_a_stopped_listener_fails(stack: Stack) -> None:
     )
     assert found["listeners"] == "fail" and found["probe"] == "fail"
     assert found["web_workers"] == "ok"
+
+
+def test_a_proxy_that_is_not_trusted_is_named(make_stack: Callable[..., Stack]) -> None:
+    stack = make_stack()
+    stack.start_web()  # web workers count what the check reads; no listener needed
+    # A peer outside the default 127.0.0.1,::1 sends X-Forwarded-For, as an
+    # nginx on another host would: its header is ignored, and counted.
+    proxied = BareConnect(stack.port, "127.0.9.9", [("X-Forwarded-For", "203.0.113.7")])
+    try:
+        assert proxied.answer == "connected"
+        wait_for(lambda: any("untrusted_peers" in w for w in read_webs(stack.redis())), timeout=10)
+        _, report = doctor(stack, "--no-probe")
+    finally:
+        proxied.close()
+    found = check(report, "proxies")
+    assert found["status"] == "warn", found
+    assert found["details"]["peers"] == ["127.0.9.9"] and found["details"]["ignored"] == 1
+    assert "from 127.0.9.9 (last" in found["summary"]
+    assert "add it to TIDINGS_TRUSTED_PROXIES (here: 127.0.0.1, ::1)" in found["summary"]
 
 
 def write_config(tmp_path: Path, name: str, extra: str) -> Path:

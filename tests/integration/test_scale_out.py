@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import time
 from collections import Counter
@@ -30,7 +29,7 @@ import psutil
 import pytest
 import requests
 
-from tests.support import IN_CI, ROOT, Proc, Stack, SteadyPublisher, free_port, wait_for
+from tests.support import Nginx, Stack, SteadyPublisher, nginx_binary, wait_for
 from tidings.client import TidingsClient
 from tidings.lease import current_holder
 
@@ -40,69 +39,6 @@ TOPIC = "public.scale"
 RATE = 100  # durable publications per second
 SPREAD_CLIENTS = 6  # websocket clients through the least_conn nginx
 TAKEOVER_LIMIT = 5.0  # the contract: a listener that dies is replaced within 5 s
-
-
-def nginx_binary() -> str:
-    """Return nginx from PATH (or Debian's /usr/sbin); skip, or fail under CI, without it."""
-    found = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
-    if found:
-        return found
-    message = "no nginx (apt-get install nginx; `make test` does as root)"
-    if IN_CI:
-        pytest.fail(message)
-    pytest.skip(message)
-
-
-class Nginx:
-    """nginx with deploy/nginx/ configuration, on a free port, in front of `nodes`."""
-
-    def __init__(self, directory: Path, nodes: list[int], *, sticky: bool) -> None:
-        self.directory = directory
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        directory.mkdir(parents=True)
-        site = (ROOT / "deploy/nginx/tidings.conf").read_text()
-        replacements = [
-            ("listen 8080;", f"listen 127.0.0.1:{self.port};"),
-            ("server 127.0.0.1:8001 ", f"server 127.0.0.1:{nodes[0]} "),
-            ("server 127.0.0.1:8002 ", f"server 127.0.0.1:{nodes[1]} "),
-        ]
-        if not sticky:  # the commented websocket-only variant
-            replacements += [
-                ("\n    ip_hash;", "\n    # ip_hash;"),
-                ("# least_conn;", "least_conn;"),
-            ]
-        for old, new in replacements:
-            assert site.count(old) == 1, f"deploy/nginx/tidings.conf no longer has {old!r}"
-            site = site.replace(old, new)
-        (directory / "tidings.conf").write_text(site)
-        shutil.copy(ROOT / "deploy/nginx/loopback.conf", directory / "nginx.conf")
-        self.proc: Proc | None = None
-
-    def start(self) -> None:
-        self.proc = Proc(
-            "nginx",
-            [
-                nginx_binary(),
-                *("-p", str(self.directory), "-e", "stderr"),
-                *("-c", str(self.directory / "nginx.conf"), "-g", "daemon off;"),
-            ],
-            dict(os.environ),
-            self.directory / "nginx.log",
-        )
-        wait_for(self._serves, timeout=20)
-
-    def _serves(self) -> bool:
-        assert self.proc is not None
-        assert self.proc.alive(), self.proc.log()
-        try:
-            return requests.get(self.url + "/healthz", timeout=5).status_code == 200
-        except requests.RequestException:
-            return False
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.stop()
 
 
 class Recorder(TidingsClient):

@@ -44,6 +44,18 @@ def test_lists_are_split_and_trimmed() -> None:
     assert settings.cors_origins == ("https://a.example", "http://localhost:3000")
 
 
+def test_trusted_proxies_default_to_loopback_and_take_addresses_and_cidrs() -> None:
+    assert [str(n) for n in Settings.from_env({}).trusted_proxies] == ["127.0.0.1/32", "::1/128"]
+    env = {"TIDINGS_TRUSTED_PROXIES": " 10.0.0.2, 192.168.0.0/16 ,fd00::/8 "}
+    assert [str(n) for n in Settings.from_env(env).trusted_proxies] == [
+        "10.0.0.2/32",
+        "192.168.0.0/16",
+        "fd00::/8",
+    ]
+    # Set but empty: no proxy is trusted, every X-Forwarded-For is ignored.
+    assert Settings.from_env({"TIDINGS_TRUSTED_PROXIES": ""}).trusted_proxies == ()
+
+
 @pytest.mark.parametrize(
     ("variable", "value"),
     [
@@ -64,6 +76,9 @@ def test_lists_are_split_and_trimmed() -> None:
         ("TIDINGS_CORS_ORIGINS", "example.com"),
         ("TIDINGS_LOG_LEVEL", "LOUD"),
         ("TIDINGS_SECRET", "too-short"),
+        ("TIDINGS_TRUSTED_PROXIES", "nginx.internal"),
+        ("TIDINGS_TRUSTED_PROXIES", "10.0.0.1/8"),
+        ("TIDINGS_TRUSTED_PROXIES", "127.0.0.1, ::1/129"),
     ],
 )
 def test_bad_values_name_the_variable(variable: str, value: str) -> None:

@@ -246,8 +246,9 @@ def test_handlers_are_called_by_python_socketio_directly(socket_app: Flask) -> N
         headers={"X-Forwarded-For": "10.0.0.9"},
         flask_test_client=socket_app.test_client(),  # its environ has a REMOTE_ADDR
     )
-    # The client's own address (the environ's REMOTE_ADDR) counts, not a header.
-    assert set(handlers.connections.per_ip) == {"127.0.0.1"}
+    # The connect handler has the environ: its REMOTE_ADDR, 127.0.0.1, is a
+    # trusted proxy by default, so the client it names counts.
+    assert set(handlers.connections.per_ip) == {"10.0.0.9"}
     client.disconnect()
     assert not handlers.connections.per_ip and not handlers.connections.by_sid
 
