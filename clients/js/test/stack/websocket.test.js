@@ -75,6 +75,8 @@ test('publishing without pause across repeated reconnects: exactly the published
     for (let n = 0; publishing; n++) {
       const offsets = await publish(topics.map((topic) => [topic, n]));
       topics.forEach((topic, i) => published.get(topic).push(offsets[i]));
+      // At most ~40/s per topic: history (HISTORY_SIZE) then covers a slow reconnect.
+      await new Promise((resolve) => setTimeout(resolve, 25));
     }
   })();
   for (let drop = 0; drop < 3; drop++) {
