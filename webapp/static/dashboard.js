@@ -8,8 +8,10 @@
   'use strict';
 
   var MAX_ROWS = 500;
-  var TOPIC_RE = /^[A-Za-z0-9_.\-]{1,128}$/;
   var TOKEN_KEY = 'tidings.token';
+  var TRANSPORT_KEY = 'tidings.transport';
+  var TRANSPORTS = ['websocket', 'sse'];
+  var isValidTopic = window.Tidings.isValidTopic;
 
   function $(id) { return document.getElementById(id); }
 
@@ -29,15 +31,17 @@
     }
   }
 
-  function readToken() {
-    try { return sessionStorage.getItem(TOKEN_KEY) || ''; } catch (e) { return ''; }
+  // The token, the API key and the transport last for this tab only; with
+  // storage disabled, for this page only.
+  function readStored(key) {
+    try { return sessionStorage.getItem(key) || ''; } catch (e) { return ''; }
   }
 
-  function writeToken(value) {
+  function writeStored(key, value) {
     try {
-      if (value) sessionStorage.setItem(TOKEN_KEY, value);
-      else sessionStorage.removeItem(TOKEN_KEY);
-    } catch (e) { /* storage disabled: the token lasts for this page only */ }
+      if (value) sessionStorage.setItem(key, value);
+      else sessionStorage.removeItem(key);
+    } catch (e) { /* storage disabled */ }
   }
 
   var ui = {
@@ -59,11 +63,22 @@
     tokenForm: $('token-form'),
     token: $('token'),
     tokenClear: $('token-clear'),
+    transport: $('transport'),
   };
 
-  var token = readToken();
-  var client = new window.Tidings(token ? { token: token } : {});
+  var token = readStored(TOKEN_KEY);
+  var transport = readStored(TRANSPORT_KEY);
+  if (TRANSPORTS.indexOf(transport) < 0) transport = 'websocket';
+  var options = { transport: transport };
+  if (token) options.token = token;
+  var client = new window.Tidings(options);
   window.tidings = client; // handy from the devtools console
+
+  ui.transport.value = transport;
+  ui.transport.addEventListener('change', function () {
+    writeStored(TRANSPORT_KEY, ui.transport.value);
+    location.reload();
+  });
 
   /* ---- connection state and recovery notice ------------------------- */
 
@@ -90,6 +105,9 @@
   client.on('error', function (info) {
     if (info.error === 'unavailable') {
       showError('The server cannot reach Redis for ' + info.topic + '; retrying…');
+    } else if (info.error === 'sse_unavailable') {
+      showError('Server-Sent Events are not available on this server (no GET /sse);' +
+        ' switch the transport back to WebSocket.');
     } else if (info.topic === null) {
       showError('Connection refused: ' + info.error +
         (info.error === 'invalid_token' ? ' (check the access token)' : ''));
@@ -195,7 +213,7 @@
   ui.form.addEventListener('submit', function (event) {
     event.preventDefault();
     var topic = ui.topic.value.trim();
-    if (!TOPIC_RE.test(topic)) {
+    if (!isValidTopic(topic)) {
       showError('A topic is 1 to 128 characters of A-Z a-z 0-9 _ . -');
       return;
     }
@@ -241,12 +259,14 @@
       if (!response.ok) throw new Error('HTTP ' + response.status);
       return response.json();
     }).then(function (job) {
-      if (!job || !TOPIC_RE.test(job.topic || '')) throw new Error('unexpected answer');
+      if (!job || !isValidTopic(job.topic)) throw new Error('unexpected answer');
       ui.jobTopic.textContent = job.topic;
       ui.jobStatus.textContent = 'queued';
       // A fresh topic: from its beginning, so steps published before the
-      // subscription took effect are recovered too.
-      return subscribe(job.topic, onJobPublications(job.topic), {since: '0-0'});
+      // subscription took effect are recovered too. A new SSE stream cannot
+      // start from an offset (the client would report a gap): from now.
+      var from = client.transport === 'websocket' ? {since: '0-0'} : {};
+      return subscribe(job.topic, onJobPublications(job.topic), from);
     }).then(function (ack) {
       if (!ack.ok && ack.error !== 'unsubscribed') throw new Error(ack.error);
     }).catch(function (err) {
@@ -260,11 +280,11 @@
   ui.token.value = token;
   ui.tokenForm.addEventListener('submit', function (event) {
     event.preventDefault();
-    writeToken(ui.token.value.trim());
+    writeStored(TOKEN_KEY, ui.token.value.trim());
     location.reload();
   });
   ui.tokenClear.addEventListener('click', function () {
-    writeToken('');
+    writeStored(TOKEN_KEY, '');
     location.reload();
   });
 
@@ -290,18 +310,7 @@
   var opsTimer = null;
   var opsRound = 0; // answers of an older round (a key since changed) are ignored
 
-  function readOpsKey() {
-    try { return sessionStorage.getItem(OPS_KEY) || ''; } catch (e) { return ''; }
-  }
-
-  function writeOpsKey(value) {
-    try {
-      if (value) sessionStorage.setItem(OPS_KEY, value);
-      else sessionStorage.removeItem(OPS_KEY);
-    } catch (e) { /* storage disabled: the key lasts for this page only */ }
-  }
-
-  var opsKey = readOpsKey();
+  var opsKey = readStored(OPS_KEY);
 
   function opsStatus(text, bad) {
     ops.status.textContent = text;
@@ -409,7 +418,7 @@
   ops.form.addEventListener('submit', function (event) {
     event.preventDefault();
     opsKey = ops.key.value.trim();
-    writeOpsKey(opsKey);
+    writeStored(OPS_KEY, opsKey);
     ops.key.value = '';
     if (opsKey) {
       opsStatus('loading…');
@@ -419,7 +428,7 @@
   ops.forget.addEventListener('click', function () {
     opsKey = '';
     opsRound++;
-    writeOpsKey('');
+    writeStored(OPS_KEY, '');
     stopOps();
     ops.body.hidden = true;
     opsStatus('');
