@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -10,6 +11,23 @@ import redis
 
 from tests.support import RedisServer, Stack
 from tidings.settings import Settings
+
+
+@pytest.fixture(autouse=True)
+def _tidings_logs_reach_caplog() -> Iterator[None]:
+    """Undo, for each test, what an earlier test's create_app() did to the `tidings` logger.
+
+    `tidings.logs.configure` stops it propagating (it prints its own lines)
+    and sets its level; caplog listens at the root, so without this a test's
+    log assertions would depend on the tests that ran before it.
+    """
+    logger = logging.getLogger("tidings")
+    propagate, level = logger.propagate, logger.level
+    logger.propagate = True
+    logger.setLevel(logging.NOTSET)
+    yield
+    logger.propagate = propagate
+    logger.setLevel(level)
 
 
 @pytest.fixture(scope="session")

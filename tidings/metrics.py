@@ -92,6 +92,18 @@ UNTRUSTED_FORWARDED = Counter(
     "Socket.IO connections whose X-Forwarded-For was ignored: their peer is not in "
     "TIDINGS_TRUSTED_PROXIES.",
 )
+QUEUE_CHANNELS = Gauge(
+    "tidings_queue_channels",
+    "Per-topic message-queue channels this web worker is subscribed to (interest routing).",
+    multiprocess_mode="liveall",
+)
+ROUTED = Gauge(
+    "tidings_routed_publications",
+    "Publications this web worker received on its topic channels since it started, and how "
+    "many of them it delivered (had a client for).",
+    ["outcome"],
+    multiprocess_mode="liveall",
+)
 HUB_BLOCKED = Counter(
     "tidings_gevent_hub_blocked",
     "Times gevent's monitor saw a web worker's event loop blocked longer than "

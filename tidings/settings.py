@@ -54,6 +54,9 @@ class Settings:
     max_connections_per_ip: int = 100
     # Proxies whose X-Forwarded-For names the client (tidings/addresses.py).
     trusted_proxies: tuple[Network, ...] = parse_networks(DEFAULT_TRUSTED_PROXIES)
+    # Milliseconds a web worker stays subscribed to a topic's queue channel
+    # after its last local client of the topic left (webapp/routing.py).
+    queue_linger_ms: int = 2000
     max_publish_body: int = 1024 * 1024
     max_publish_batch: int = 1000
     # The Sentinel master name of a sentinel:// broker (TIDINGS_SENTINEL_MASTER,
@@ -113,6 +116,7 @@ class Settings:
                 env, "TIDINGS_MAX_CONNECTIONS_PER_IP", cls.max_connections_per_ip, 1, 1_000_000
             ),
             trusted_proxies=_trusted_proxies(env),
+            queue_linger_ms=_int(env, "TIDINGS_QUEUE_LINGER_MS", cls.queue_linger_ms, 0, 3_600_000),
             max_publish_body=_int(
                 env, "TIDINGS_MAX_PUBLISH_BODY", cls.max_publish_body, 1024, 1 << 30
             ),

@@ -59,6 +59,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
             settings.redis_url,
             history=app.extensions["tidings.redis"],
             history_size=settings.history_size,
+            linger=settings.queue_linger_ms / 1000,
         )
         if app.config["QUEUE"]
         else None

@@ -12,6 +12,9 @@ deployments before:
 - web_workers: how many web workers are subscribed to `tidings:socketio`;
 - proxies: peers whose `X-Forwarded-For` the web workers ignored (a proxy
   missing from TIDINGS_TRUSTED_PROXIES makes all its clients one address);
+- routing: the per-topic queue channels, and how much of what the web
+  workers receive on them they deliver (the rest came for topics whose last
+  client here had left);
 - ingest: the stream's length, pending entries, consumer lag;
 - gunicorn: the settings of gunicorn.conf.py that break Socket.IO
   (preload_app, several workers with polling clients, too few
@@ -51,7 +54,13 @@ from flask.cli import with_appcontext
 from tidings.addresses import describe
 from tidings.forwarder import now_ms
 from tidings.history import parse_offset
-from tidings.keys import INGEST_GROUP, INGEST_STREAM, SOCKETIO_CHANNEL, topic_channel
+from tidings.keys import (
+    INGEST_GROUP,
+    INGEST_STREAM,
+    QUEUE_TOPIC_PREFIX,
+    SOCKETIO_CHANNEL,
+    topic_channel,
+)
 from tidings.lease import current_holder
 from tidings.publishing import publish
 from tidings.settings import Settings
@@ -309,6 +318,46 @@ def check_proxies(client: redis.Redis, settings: Settings) -> Check:
         f"(here: {trusted}) and restart the web tier; if not, a client sent the header itself",
         details,
     )
+
+
+# A web worker that drops more than this share of what its topic channels
+# bring (no client for it any more) churns its subscriptions.
+UNWANTED_SHARE = 0.2
+
+
+def check_routing(client: redis.Redis) -> Check:
+    """Interest routing: per-topic queue channels, and what the web workers receive vs deliver."""
+    channels = len(client.pubsub_channels(QUEUE_TOPIC_PREFIX + "*"))
+    workers = read_webs(client)
+    details: dict[str, Any] = {"topic_channels": channels, "workers": []}
+    if not workers:
+        return Check("routing", SKIP, "no web worker reports its stats", details)
+    received = delivered = 0
+    for worker in workers:
+        try:
+            numbers = {
+                key: int(worker.get(key, 0))
+                for key in ("queue_channels", "routed_received", "routed_delivered")
+            }
+        except (TypeError, ValueError):
+            continue  # an older worker's or a hand-edited field
+        details["workers"].append({"worker": worker.get("worker"), **numbers})
+        received += numbers["routed_received"]
+        delivered += numbers["routed_delivered"]
+    line = (
+        f"{channels} topic channel{'s' if channels != 1 else ''} in Redis; the web workers "
+        f"received {received} publications on theirs and delivered {delivered}"
+    )
+    unwanted = received - delivered
+    if unwanted > 1000 and unwanted > UNWANTED_SHARE * received:
+        return Check(
+            "routing",
+            WARN,
+            line + f": {unwanted} came for topics with no client left on the worker "
+            "(subscriptions shorter than the channels' 2 s linger?)",
+            details,
+        )
+    return Check("routing", OK, line, details)
 
 
 def check_ingest(client: redis.Redis) -> Check:
@@ -590,6 +639,7 @@ def run_checks(client: redis.Redis, settings: Settings, options: Options) -> lis
         ("listeners", lambda: check_listeners(client, settings, topic)),
         ("web_workers", lambda: check_web_workers(client, gunicorn_workers)),
         ("proxies", lambda: check_proxies(client, settings)),
+        ("routing", lambda: check_routing(client)),
         ("ingest", lambda: check_ingest(client)),
     )
     for name, run in redis_checks:

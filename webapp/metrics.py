@@ -297,6 +297,10 @@ class Sampler:
             metrics.SUBSCRIPTIONS.labels(pattern).set(per_pattern.get(pattern, 0))
         ready, _ = self.manager.ready()
         metrics.QUEUE_SUBSCRIBED.set(1 if ready else 0)
+        channels = self.manager.channels()
+        metrics.QUEUE_CHANNELS.set(channels)
+        metrics.ROUTED.labels("received").set(self.manager.received)
+        metrics.ROUTED.labels("delivered").set(self.manager.delivered)
         blocked = []
         while _blocked:
             try:
@@ -318,6 +322,9 @@ class Sampler:
             "topics": topics,
             "queue_ready": 1 if ready else 0,
             "queue_reconnects": self.manager.reconnects,
+            "queue_channels": channels,
+            "routed_received": self.manager.received,
+            "routed_delivered": self.manager.delivered,
             "hub_blocked": self.hub_blocked,
             **metrics.totals,
         }

@@ -49,12 +49,12 @@ from socketio import packet as sio_packet
 from tidings import metrics
 from tidings.connection import client_name, connect, follow_master
 from tidings.forwarder import now_ms
-from tidings.history import parse_offset, recover_many
+from tidings.history import BEGINNING, parse_offset, recover_many
 from tidings.keys import SOCKETIO_CHANNEL, room
 from tidings.pubsub import PubSubConnection, is_pong
 from webapp import fanout
 from webapp.backpressure import abort_connection
-from webapp.routing import LIVE, Route, Routes
+from webapp.routing import LINGER_SECONDS, LIVE, Route, Routes
 
 log = logging.getLogger("tidings.queue")
 
@@ -107,26 +107,45 @@ def split_message(raw: bytes) -> tuple[bytes, dict[str, Any]] | None:
     return raw[data_at + len(_DATA_KEY) : -2], meta
 
 
+def _newer_than(pubs: list[Any], offset: tuple[int, int]) -> list[Any]:
+    """Return the publications (dicts) of a list whose offset is after `offset`."""
+    return [p for p in pubs if (parse_offset(p.get("offset")) or (0, 0)) > offset]
+
+
 class QueueManager(socketio.PubSubManager):
     """Socket.IO client manager on `tidings:socketio` and per-topic channels, with Tidings' loop."""
 
     name = "tidings"
 
-    def __init__(self, url: str, *, history: redis.Redis, history_size: int) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        history: redis.Redis,
+        history_size: int,
+        linger: float = LINGER_SECONDS,
+    ) -> None:
         super().__init__(channel=SOCKETIO_CHANNEL)
         self._url = url
         self._redis: redis.Redis | None = None
         self._connection: PubSubConnection | None = None
-        self.routes = Routes()
+        self.routes = Routes(linger)
         self._lock = threading.Lock()
         self._wake = threading.Event()  # the command writer has work
         # topic -> sid -> Join: clients between `begin_join` and `finish_join`.
         self._joins: dict[str, dict[str, Join]] = {}
+        # topic -> sid -> (offset, eio sid): members who joined at an offset
+        # this worker's stream of the topic may not have passed yet (their
+        # history read ran ahead of the socket): what is not newer is not
+        # theirs. Each leaves this map at the first message past its offset.
+        self._fresh: dict[str, dict[str, tuple[tuple[int, int], str]]] = {}
         self.subscribed = False
         # Set while Redis has confirmed `tidings:socketio` on the live connection.
         self._live = threading.Event()
         self.last_poll = 0.0
         self.reconnects = 0
+        # Between the log line of an outage and the one of its end.
+        self._down = False
         # Counts queue connections lost: a join that read history on an
         # earlier one cannot trust what it holds.
         self.generation = 0
@@ -139,9 +158,10 @@ class QueueManager(socketio.PubSubManager):
         # Per topic, the newest offset the last catch-up replayed: live
         # messages that overlap it are trimmed (`_without_replayed`).
         self._replayed: dict[str, tuple[int, int]] = {}
-        # Routed publications lists received, and how many found no local client.
-        self.routed = 0
-        self.unwanted = 0
+        # Publications received on topic channels, and of those, how many
+        # found a local client (the rest came while a channel lingered).
+        self.received = 0
+        self.delivered = 0
 
     # -- emitting --------------------------------------------------------------
 
@@ -210,13 +230,9 @@ class QueueManager(socketio.PubSubManager):
 
     def _deliver_routed(self, topic: str, raw: bytes) -> None:
         """Hand one forwarded message of a topic's channel to the room and to joining clients."""
-        self.routed += 1
         name = room(topic)
         members = self.rooms.get("/", {}).get(name)
         joins = self._joins.get(topic)
-        if not members and not joins:
-            self.unwanted += 1  # lingering, or every client left while it was on its way
-            return
         parts = split_message(raw)
         if parts is None:
             # Not the forward script's shape (an older listener, an operator's
@@ -227,6 +243,12 @@ class QueueManager(socketio.PubSubManager):
                     self._handle_emit(message)
             return
         listing, meta = parts
+        entered = meta.get("t")
+        count = len(entered) if isinstance(entered, list) else 1
+        self.received += count
+        if not members and not joins:
+            return  # lingering, or every client left while it was on its way
+        self.delivered += count
         last = parse_offset(meta.get("last"))
         if topic in self._replayed:
             trimmed = self._without_replayed(topic, listing, meta)
@@ -238,19 +260,56 @@ class QueueManager(socketio.PubSubManager):
                 for join in self._joins.get(topic, {}).values():
                     join.held.append((listing, last))
         if members:
+            recipients = list(members.values())
+            behind: list[tuple[str, tuple[int, int]]] = []
+            if topic in self._fresh:
+                recipients, behind = self._past_fresh(topic, members, meta)
             payload = _PACKET_HEAD + listing + b"]"
             fanout.deliver(
                 self.server,
                 eio_packet.Packet(eio_packet.MESSAGE, payload.decode()),
-                list(members.values()),
+                recipients,
                 frame=fanout.encode_frame(b"4" + payload),
             )
+            for sid, offset in behind:
+                with contextlib.suppress(ValueError):
+                    newer = _newer_than(json.loads(listing), offset)
+                    if newer:
+                        self._emit_here("publications", newer, "/", sid, None)
             if last is not None:
                 self._shown[topic] = (last, meta["last"])
             metrics.sent(len(members), len(payload) + 1)
             entered = meta.get("t")
             if isinstance(entered, list):
                 metrics.observe_latencies(str(meta.get("path")), entered, now_ms())
+
+    def _past_fresh(
+        self, topic: str, members: Any, meta: dict[str, Any]
+    ) -> tuple[list[str], list[tuple[str, tuple[int, int]]]]:
+        """Split a message's recipients: whole, or (fresh members it overlaps) filtered.
+
+        Returns the eio sids that get the message as it is, and the members
+        that get only its publications newer than their offset.
+        """
+        fresh = self._fresh[topic]
+        first, last = parse_offset(meta.get("first")), parse_offset(meta.get("last"))
+        skip: set[str] = set()
+        behind: list[tuple[str, tuple[int, int]]] = []
+        for sid, (offset, eio_sid) in list(fresh.items()):
+            if sid not in members:
+                del fresh[sid]  # left the room
+                continue
+            if last is not None and last <= offset:
+                skip.add(eio_sid)  # all of it was in the ack (or before it)
+                continue
+            del fresh[sid]  # the stream is past its offset from here on
+            if first is not None and first > offset:
+                continue  # all of it is new to this member
+            skip.add(eio_sid)
+            behind.append((sid, offset))
+        if not fresh:
+            del self._fresh[topic]
+        return [eio_sid for eio_sid in members.values() if eio_sid not in skip], behind
 
     def _without_replayed(
         self, topic: str, listing: bytes, meta: dict[str, Any]
@@ -329,21 +388,24 @@ class QueueManager(socketio.PubSubManager):
                 continue
             with contextlib.suppress(ValueError):
                 batch = json.loads(listing)
-                pubs += [
-                    p
-                    for p in batch
-                    if after is None or (parse_offset(p.get("offset")) or (0, 0)) > after
-                ]
+                pubs += batch if after is None else _newer_than(batch, after)
         if pubs:
             self._emit_here("publications", pubs, "/", join.sid, None)
         name = room(join.topic)
         first_member = not self.rooms.get("/", {}).get(name)
         self.server.enter_room(join.sid, name, namespace="/")
+        position = pubs[-1]["offset"] if pubs else latest
+        pair = parse_offset(position)
+        if pair is not None:
+            # The history read may have run ahead of this worker's socket:
+            # what arrives up to `position` is the client's already.
+            self._fresh.setdefault(join.topic, {})[join.sid] = (pair, eio_sid)
         if first_member:
             # Nobody else here is owed anything older; with others in the
             # room, their own mark stands (they may still be owed what is on
-            # its way, which a catch-up must not skip).
-            self.note_offset(join.topic, pubs[-1]["offset"] if pubs else latest)
+            # its way, which a catch-up must not skip). A topic empty at the
+            # read is marked as such: a catch-up then replays from its start.
+            self.note_offset(join.topic, position or BEGINNING)
 
     def cancel_joins_of(self, sid: str, topic: str) -> None:
         """Cancel `sid`'s join of `topic` still under way, if any (it unsubscribed)."""
@@ -380,6 +442,11 @@ class QueueManager(socketio.PubSubManager):
         """Leave a room; the last local member of a topic room starts its channel's linger."""
         super().basic_leave_room(sid, namespace, room)
         if namespace == "/" and isinstance(room, str) and room.startswith("t:"):
+            fresh = self._fresh.get(room[2:])
+            if fresh is not None:
+                fresh.pop(sid, None)
+                if not fresh:
+                    del self._fresh[room[2:]]
             self._maybe_vacate(room[2:])
 
     def _maybe_vacate(self, topic: str) -> None:
@@ -404,21 +471,20 @@ class QueueManager(socketio.PubSubManager):
     def _thread(self) -> None:
         """Read the queue connection forever: connect, subscribe, dispatch, reconnect."""
         backoff = BACKOFF_START
-        down = False
         while not self._closed:
             try:
                 self._connect()
                 backoff = BACKOFF_START
-                down = self._read(down)
+                self._read()
             except Exception as exc:  # any failure: drop the connection and start over
                 self._disconnected()
                 if self._closed:
                     return
                 self.reconnects += 1
                 metrics.QUEUE_RECONNECTS.inc()
-                if not down:
+                if not self._down:
                     log.warning("message queue: Redis unavailable (%s); reconnecting", exc)
-                    down = True
+                    self._down = True
                 time.sleep(backoff)  # gevent-patched: yields to the hub
                 backoff = min(backoff * 2, BACKOFF_MAX)
 
@@ -445,7 +511,7 @@ class QueueManager(socketio.PubSubManager):
             with contextlib.suppress(Exception):  # already broken
                 connection.close()
 
-    def _read(self, down: bool) -> bool:
+    def _read(self) -> None:
         """Dispatch replies until the connection fails (raises) or the manager closes."""
         connection = self._connection
         assert connection is not None
@@ -475,9 +541,9 @@ class QueueManager(socketio.PubSubManager):
                     if channel == _CONTROL:
                         self.subscribed = True
                         self._live.set()
-                        if down:
+                        if self._down:
                             log.info("message queue: Redis is back; resubscribed")
-                            down = False
+                            self._down = False
                         elif self.reconnects == 0:
                             log.info("message queue: subscribed to %s", SOCKETIO_CHANNEL)
                         continue
@@ -493,7 +559,6 @@ class QueueManager(socketio.PubSubManager):
             if caught_up:
                 self._catch_up(caught_up)
                 caught_up = []
-        return down
 
     def _write_commands(self) -> None:
         """Send queued (UN)SUBSCRIBE commands in batches; leave routes that lingered out."""
@@ -589,7 +654,13 @@ class QueueManager(socketio.PubSubManager):
                 len(pubs),
                 extra={"topic": topic},
             )
-            self._emit_here("publications", pubs, "/", name, None)
+            fresh = self._fresh.pop(topic, {})
+            skip = [sid for sid in fresh if sid in dict(participants)]
+            self._emit_here("publications", pubs, "/", name, skip)
+            for sid in skip:
+                newer = _newer_than(pubs, fresh[sid][0])
+                if newer:
+                    self._emit_here("publications", newer, "/", sid, None)
             metrics.QUEUE_REPLAYED.inc(len(pubs))
             size = len(json.dumps(pubs, separators=(",", ":")))
             metrics.sent(len(participants), size + metrics.PACKET_OVERHEAD)

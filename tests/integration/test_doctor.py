@@ -80,6 +80,7 @@ def test_a_healthy_stack_passes(stack: Stack) -> None:
         "listeners": "ok",
         "web_workers": "ok",
         "proxies": "ok",
+        "routing": "ok",
         "ingest": "ok",
         "gunicorn": "ok",
         "probe": "ok",
@@ -92,7 +93,11 @@ def test_a_healthy_stack_passes(stack: Stack) -> None:
     status, text = doctor(stack, "--timeout", "5", text=True)
     print("\n" + text)
     assert status == 0 and text.strip().endswith("verdict: ok, with warnings (redis)")
-    assert len(text.strip().splitlines()) == 1 + 8 + 1
+    assert len(text.strip().splitlines()) == 1 + 9 + 1
+    # Before the probe, no client of this stack had a topic: no channel heard.
+    routing = check(report, "routing")["details"]
+    assert [w["queue_channels"] for w in routing["workers"]] == [0]
+    assert "topic channel" in text
 
 
 def test_a_second_subscriber_is_the_duplicate_listener_bug(

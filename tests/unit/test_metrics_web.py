@@ -172,9 +172,13 @@ def test_connected_clients_and_subscriptions_are_sampled_from_the_rooms(
 
         closed = False
         reconnects = 0
+        received = delivered = 0
 
         def __init__(self) -> None:
             self.rooms = socketio.server.manager.rooms
+
+        def channels(self) -> int:
+            return 0
 
         def ready(self) -> tuple[bool, str]:
             return False, "no queue"
