@@ -34,6 +34,7 @@ import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 from redis.connection import AbstractConnection
@@ -60,13 +61,14 @@ if token ~= '' and redis.call('GET', KEYS[1]) ~= token then
 end
 local maxlen, ttl, head, group = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local receipts, receipt_ms = ARGV[6], ARGV[7]
+local consumer, nread = ARGV[8], tonumber(ARGV[9])
 local function receipt(ingest_id, value)
   local key = receipts .. ingest_id
   redis.call('RPUSH', key, value)
   redis.call('PEXPIRE', key, receipt_ms)
 end
-local nacks = tonumber(ARGV[8])
-local pos = 9
+local nacks = tonumber(ARGV[10])
+local pos = 11
 if nacks > 0 then
   local acks = {}
   for j = 1, nacks do acks[j] = ARGV[pos + j - 1] end
@@ -106,7 +108,15 @@ for k = 3, #KEYS do
     .. offsets[#offsets] .. '","t":[' .. table.concat(entered, ',') .. ']},"data":[['
     .. body .. ']]}')
 end
-return offsets
+if nread == 0 then return offsets end
+-- And the next batch, in the same call (fenced by the same lease check):
+-- one round trip per batch while entries keep coming.
+local reply = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', nread,
+                         'STREAMS', KEYS[2], '>')
+if reply then return {offsets, reply[1][2], ''} end
+-- Nothing new: the id to wait after (a plain XREAD BLOCK, outside any script).
+local newest = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+return {offsets, {}, newest[1] and newest[1][1] or '0-0'}
 """
 
 # A receipt nobody collects is gone after this long.
@@ -176,13 +186,53 @@ class Forwarder:
         given and no longer holds the lease. `path` (pubsub, ingest) labels
         the web tier's latency metrics.
         """
-        by_topic: dict[str, list[Publication]] = {}
-        for pub in publications:
-            by_topic.setdefault(pub.topic, []).append(pub)
-        acks = list(ack_ids)
-        drops = list(dropped_receipts)
-        if not by_topic and not acks and not drops:
+        acks, drops = list(ack_ids), list(dropped_receipts)
+        pubs = list(publications)
+        if not pubs and not acks and not drops:
             return []
+        offsets = self._call(pubs, acks, drops, lease_token, path, "", 0)
+        return [offset.decode() for offset in offsets]
+
+    def forward_and_read(
+        self,
+        publications: Iterable[Publication],
+        *,
+        ack_ids: Iterable[bytes | str],
+        dropped_receipts: Iterable[tuple[str, str]] = (),
+        lease_token: str,
+        consumer: str,
+        count: int,
+    ) -> tuple[list[str], list, str]:
+        """`forward` (path ingest), then read up to `count` new ingest entries for `consumer`.
+
+        Returns the offsets, the entries read ([id, [field, value, ...]], as
+        XREADGROUP gives them), and, when none were, the stream's newest id to
+        wait after. One script call: the read is fenced by the lease too.
+        """
+        offsets, entries, newest = self._call(
+            list(publications),
+            list(ack_ids),
+            list(dropped_receipts),
+            lease_token,
+            "ingest",
+            consumer,
+            count,
+        )
+        return [offset.decode() for offset in offsets], entries, newest.decode()
+
+    def _call(
+        self,
+        pubs: list[Publication],
+        acks: list[bytes | str],
+        drops: list[tuple[str, str]],
+        lease_token: str,
+        path: str,
+        consumer: str,
+        count: int,
+    ) -> Any:
+        by_topic: dict[str, list[Publication]] = {}
+        for pub in pubs:
+            by_topic.setdefault(pub.topic, []).append(pub)
         keys = [LEASE_KEY, INGEST_STREAM]
         args: list[str | bytes] = [
             lease_token,
@@ -192,6 +242,8 @@ class Forwarder:
             INGEST_GROUP,
             RECEIPT_PREFIX,
             str(RECEIPT_TTL_MS),
+            consumer,
+            str(count),
             str(len(acks)),
             *acks,
             str(len(drops)),
@@ -199,11 +251,11 @@ class Forwarder:
         for ingest_id, reason in drops:
             args += [ingest_id, reason]
         args.append(path if path in ("pubsub", "ingest") else "")
-        for topic, pubs in by_topic.items():
+        for topic, topic_pubs in by_topic.items():
             keys.append(history_key(topic))
             args += [json.dumps(topic), json.dumps(room(topic)), queue_channel(topic)]
-            args.append(str(len(pubs)))
-            for pub in pubs:
+            args.append(str(len(topic_pubs)))
+            for pub in topic_pubs:
                 published = "" if pub.published_ms is None else str(pub.published_ms)
                 entered = pub.entered_ms if pub.entered_ms is not None else pub.published_ms
                 args += [
@@ -213,12 +265,11 @@ class Forwarder:
                     "null" if entered is None else str(int(entered)),
                 ]
         try:
-            offsets = self._run(keys, args)
+            return self._run(keys, args)
         except redis.ResponseError as exc:
             if str(exc).startswith("FENCED"):
                 raise Fenced(str(exc)) from None
             raise
-        return [offset.decode() for offset in offsets]
 
     def close(self) -> None:
         """Give the forwarder's connection back to its client's pool."""

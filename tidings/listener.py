@@ -13,7 +13,10 @@ stop request is seen within a second:
   `get_message` took that for an outage and dropped the burst);
 - the ingest loop reads `tidings:ingest` through the consumer group: first
   its own pending entries, then entries orphaned by a dead listener
-  (XAUTOCLAIM), then new ones; the forward script acknowledges them.
+  (XAUTOCLAIM), then new ones. The forward script acknowledges a batch and,
+  in the same call, reads the next (only the lease holder may take entries
+  from the group, so a paused or partitioned listener cannot strand entries
+  in its own pending list); while nothing comes, a plain XREAD BLOCK waits.
 
 Redis outages are expected: every loop reconnects forever with capped
 backoff and logs one line per outage, never a stack trace.
@@ -42,7 +45,6 @@ from tidings.history import parse_offset
 from tidings.keys import (
     INGEST_GROUP,
     INGEST_STREAM,
-    LEASE_KEY,
     TOPIC_CHANNEL_PATTERN,
     TOPIC_CHANNEL_PREFIX,
 )
@@ -67,21 +69,6 @@ TRIM_EVERY_SECONDS = 1.0
 
 _REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
 _TOPIC_PATTERN = TOPIC_CHANNEL_PATTERN.encode()
-
-# The fenced read: only the lease holder may take entries from the group, so
-# a paused or partitioned listener cannot strand entries in its own pending
-# list. Scripts cannot block; on nothing new it returns the id to wait after.
-_READ_INGEST = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then
-  return redis.error_reply('FENCED the listener lease is held by another listener')
-end
-local reply = redis.call('XREADGROUP', 'GROUP', ARGV[2], ARGV[3], 'COUNT', ARGV[4],
-                         'STREAMS', KEYS[2], '>')
-if reply then return {reply[1][2], ''} end
-local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
-if last[1] then return {{}, last[1][1]} end
-return {{}, '0-0'}
-"""
 
 # Drops the acknowledged head of the ingest stream: everything before the
 # oldest pending entry, or up to the group's last delivered id.
@@ -331,10 +318,25 @@ class Listener:
         dropped_receipts: Sequence[tuple[str, str]] = (),
         *,
         path: str,
-    ) -> None:
+        read_next: bool = False,
+    ) -> tuple[list, str]:
+        """Forward a batch, fenced; with `read_next`, return the ingest entries read after it."""
         assert self._lease is not None
+        read: tuple[list, str] = ([], "")
 
         def attempt() -> None:
+            nonlocal read
+            if read_next:
+                _, entries, newest = forwarder.forward_and_read(
+                    batch,
+                    ack_ids=ack_ids,
+                    dropped_receipts=dropped_receipts,
+                    lease_token=self._lease.token,
+                    consumer=self.consumer,
+                    count=MAX_BATCH,
+                )
+                read = (entries, newest)
+                return
             forwarder.forward(
                 batch,
                 ack_ids=ack_ids,
@@ -344,8 +346,10 @@ class Listener:
             )
 
         self._while_holding(attempt)
-        # One clock read per batch; the loop over it is the forward's own size.
-        self.stats.forwarded(path, (pub.entered_ms for pub in batch), now_ms())
+        if batch:
+            # One clock read per batch; the loop over it is the forward's own size.
+            self.stats.forwarded(path, (pub.entered_ms for pub in batch), now_ms())
+        return read
 
     def _from_pubsub(self, pattern: bytes, channel: bytes, data: bytes) -> Publication | str | None:
         name = channel.decode("utf-8", "replace")
@@ -417,7 +421,6 @@ class Listener:
     def _pump_ingest(self, client: redis.Redis, forwarder: Forwarder) -> None:
         assert self._lease is not None
         trim = client.register_script(_TRIM_INGEST)
-        read = client.register_script(_READ_INGEST)
         # After any (re)connect, first everything already read and not acked:
         # this consumer's own (a forward that failed may not have happened)
         # and other consumers' (a dead or fenced listener's, which the fence
@@ -433,18 +436,8 @@ class Listener:
             ordered = sorted(backlog.values(), key=lambda e: parse_offset(_text(e[0])) or (0, 0))
             self._forward_entries(forwarder, ordered)
 
-        def read_fenced() -> list:
-            try:
-                return read(
-                    keys=[LEASE_KEY, INGEST_STREAM],
-                    args=[self._lease.token, INGEST_GROUP, self.consumer, MAX_BATCH],
-                )
-            except redis.ResponseError as exc:
-                if str(exc).startswith("FENCED"):
-                    raise Fenced(str(exc)) from None
-                raise
-
         last_claim = last_trim = time.monotonic()
+        entries, newest = self._forward_entries(forwarder, [], read_next=True)
         while not self._stop.is_set():
             now = time.monotonic()
             if now - last_claim >= CLAIM_EVERY_SECONDS:
@@ -456,13 +449,15 @@ class Listener:
             if now - last_trim >= TRIM_EVERY_SECONDS:
                 trim(keys=[INGEST_STREAM], args=[INGEST_GROUP])
                 last_trim = now
-            entries, last_id = self._while_holding(read_fenced)
-            if entries:
-                self._forward_entries(forwarder, [(e[0], _fields(e[1])) for e in entries])
-            else:
+            if not entries:
                 # Only a wake-up: a plain read changes nothing, so a listener
                 # that lost its lease meanwhile cannot take entries with it.
-                client.xread({INGEST_STREAM: last_id}, block=int(POLL_SECONDS * 1000), count=1)
+                client.xread({INGEST_STREAM: newest}, block=int(POLL_SECONDS * 1000), count=1)
+            # Forward what was read, and read what came meanwhile, in one
+            # fenced script call: one round trip per batch under load.
+            entries, newest = self._forward_entries(
+                forwarder, [(e[0], _fields(e[1])) for e in entries], read_next=True
+            )
 
     def _own_pending(self, client: redis.Redis) -> list:
         entries: list = []
@@ -497,7 +492,14 @@ class Listener:
             log.info("claimed %d ingest entries left pending by another listener", len(claimed))
         return claimed
 
-    def _forward_entries(self, forwarder: Forwarder, entries: list) -> None:
+    def _forward_entries(
+        self, forwarder: Forwarder, entries: list, *, read_next: bool = False
+    ) -> tuple[list, str]:
+        """Forward ingest entries in batches; with `read_next`, the last call reads the next ones.
+
+        Returns the entries read next and, when there were none, the newest
+        id of the stream (to wait after); without `read_next`, nothing.
+        """
         batch: list[Publication] = []
         ack_ids: list = []
         dropped_receipts: list[tuple[str, str]] = []
@@ -517,8 +519,13 @@ class Listener:
             if len(ack_ids) >= MAX_BATCH or size >= MAX_BATCH_BYTES:
                 self._forward(forwarder, batch, ack_ids, dropped_receipts, path="ingest")
                 batch, ack_ids, dropped_receipts, size = [], [], [], 0
+        if read_next:
+            return self._forward(
+                forwarder, batch, ack_ids, dropped_receipts, path="ingest", read_next=True
+            )
         if ack_ids:
             self._forward(forwarder, batch, ack_ids, dropped_receipts, path="ingest")
+        return [], ""
 
     def _from_ingest(self, entry_id: bytes, fields: dict[bytes, bytes]) -> Publication | str:
         topic = fields.get(b"topic", b"").decode("utf-8", "replace")

@@ -17,14 +17,15 @@ asked a PING; silence after that is an outage.
 
 The connection itself comes from a redis-py pool (AUTH, SELECT, CLIENT
 SETNAME, TLS and Sentinel handled there); only its socket is used after
-that. The parser is hiredis' when it can be imported, else `RespReader`
-below (the gevent web workers hide hiredis from redis-py, see
-gunicorn.conf.py).
+that. The parser is hiredis' Reader when it is installed, else `RespReader`
+below (the gevent web workers hide hiredis from redis-py and keep it for
+this module, see gunicorn.conf.py).
 """
 
 from __future__ import annotations
 
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -33,10 +34,14 @@ from typing import Any
 import redis
 from redis.exceptions import InvalidResponse, ResponseError
 
-try:
-    import hiredis
-except ImportError:  # hidden on purpose in the web workers, or not installed
-    hiredis = None
+# gunicorn.conf.py hides hiredis from redis-py in the web workers and keeps
+# it for this module under another name.
+hiredis = sys.modules.get("_tidings_hiredis")
+if hiredis is None:
+    try:
+        import hiredis
+    except ImportError:  # not installed: the pure-Python reader below
+        hiredis = None
 
 # At most this many channels per SUBSCRIBE or UNSUBSCRIBE command.
 CHANNELS_PER_COMMAND = 512
@@ -110,9 +115,24 @@ class RespReader:
                 return None, end + 2
             pos = end + 2
             items = []
+            append = items.append
+            length = len(buf)
             for _ in range(count):
+                if pos < length and buf[pos] == 36:
+                    # A bulk string in line: every pub/sub message is made of them.
+                    end = buf.find(b"\r\n", pos)
+                    if end < 0:
+                        raise IndexError
+                    size = int(buf[pos + 1 : end])
+                    if size >= 0:
+                        pos = end + 2 + size
+                        if pos + 2 > length:
+                            raise IndexError
+                        append(bytes(buf[end + 2 : pos]))
+                        pos += 2
+                        continue
                 item, pos = self._parse(buf, pos)
-                items.append(item)
+                append(item)
             return items, pos
         if kind == 58:  # : integer
             return int(buf[pos + 1 : end]), end + 2
@@ -153,6 +173,7 @@ class PubSubConnection:
         self._heard = time.monotonic()
         self._pinged = False
         self._send_lock = threading.Lock()
+        self._timeout: float | None = sock.gettimeout()
 
     @property
     def socket(self) -> socket.socket:
@@ -185,7 +206,11 @@ class PubSubConnection:
             return replies
         sock = self._sock
         buffer = self._buffer
-        sock.settimeout(timeout)
+        if timeout != self._timeout:
+            # Set only when it changes: a settimeout per read was a fifth of
+            # the cost of a read in a gevent worker.
+            sock.settimeout(timeout)
+            self._timeout = timeout
         try:
             received = sock.recv_into(buffer)
         except (TimeoutError, BlockingIOError):
@@ -198,10 +223,19 @@ class PubSubConnection:
         self._heard = time.monotonic()
         self._pinged = False
         self._reader.feed(buffer, 0, received)
-        # What is already waiting joins this read, up to a cap: a burst is
-        # taken in large batches, without waiting for more.
-        total = received
+        if received == len(buffer):
+            # More may be waiting: it joins this read, up to a cap, so a
+            # burst is taken in large batches without waiting for more.
+            self._read_waiting(received)
+        return self._drain(max_replies)
+
+    def _read_waiting(self, total: int) -> None:
+        """Read, without waiting, what is already in the socket (up to MAX_READ_BYTES)."""
+        sock = self._sock
+        buffer = self._buffer
         sock.settimeout(0.0)
+        self._timeout = 0.0
+        received = len(buffer)
         while received == len(buffer) and total < MAX_READ_BYTES:
             try:
                 received = sock.recv_into(buffer)
@@ -213,7 +247,6 @@ class PubSubConnection:
                 break  # closed: the next read reports it, after these replies
             self._reader.feed(buffer, 0, received)
             total += received
-        return self._drain(max_replies)
 
     def _drain(self, max_replies: int) -> list[Any]:
         replies = []

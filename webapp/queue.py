@@ -63,6 +63,9 @@ BACKOFF_START = 0.05
 BACKOFF_MAX = 1.0
 # The loop wakes at least every POLL_SECONDS; older than this means it is stuck.
 STALE_AFTER_SECONDS = 5.0
+# How often the counts of routed deliveries reach the metrics: each write is
+# a memory-mapped file update in multiprocess mode, too dear per read.
+FLUSH_SECONDS = 0.5
 # How often the command writer looks for lingering routes to leave.
 EXPIRE_EVERY_SECONDS = 0.5
 
@@ -71,6 +74,8 @@ _MESSAGE = b"message"
 _META_KEY = b',"tidings":'
 _DATA_KEY = b',"data":['
 _PACKET_HEAD = b'2["publications",'
+# json.loads without its type checks and encoding detection, for str.
+_decode = json.JSONDecoder().raw_decode
 
 
 @dataclass
@@ -99,8 +104,8 @@ def split_message(raw: bytes) -> tuple[bytes, dict[str, Any]] | None:
     if meta_at < 0 or not raw.endswith(b"]]}"):
         return None
     try:
-        meta = json.loads(raw[meta_at + len(_META_KEY) : data_at])
-    except ValueError:
+        meta = _decode(raw[meta_at + len(_META_KEY) : data_at].decode())[0]
+    except (ValueError, UnicodeDecodeError):
         return None
     if not isinstance(meta, dict):
         return None
@@ -162,6 +167,8 @@ class QueueManager(socketio.PubSubManager):
         # found a local client (the rest came while a channel lingered).
         self.received = 0
         self.delivered = 0
+        # Metrics of the messages read lately, written every FLUSH_SECONDS.
+        self.batch = metrics.Batch()
 
     # -- emitting --------------------------------------------------------------
 
@@ -278,10 +285,10 @@ class QueueManager(socketio.PubSubManager):
                         self._emit_here("publications", newer, "/", sid, None)
             if last is not None:
                 self._shown[topic] = (last, meta["last"])
-            metrics.sent(len(members), len(payload) + 1)
+            self.batch.sent(len(members), len(payload) + 1)
             entered = meta.get("t")
             if isinstance(entered, list):
-                metrics.observe_latencies(str(meta.get("path")), entered, now_ms())
+                self.batch.latencies(str(meta.get("path")), entered, now_ms())
 
     def _past_fresh(
         self, topic: str, members: Any, meta: dict[str, Any]
@@ -516,6 +523,7 @@ class QueueManager(socketio.PubSubManager):
         connection = self._connection
         assert connection is not None
         caught_up: list[Route] = []
+        flushed = 0.0
         while not self._closed:
             replies = connection.read(POLL_SECONDS)
             self.last_poll = time.monotonic()
@@ -532,7 +540,7 @@ class QueueManager(socketio.PubSubManager):
                         # Before any newer message: each topic stays in order.
                         self._catch_up(caught_up)
                         caught_up = []
-                    metrics.QUEUE_MESSAGES.inc()
+                    self.batch.messages += 1
                     if channel == _CONTROL:
                         self._handle_control(reply[2])
                     else:
@@ -559,6 +567,9 @@ class QueueManager(socketio.PubSubManager):
             if caught_up:
                 self._catch_up(caught_up)
                 caught_up = []
+            if self.last_poll - flushed >= FLUSH_SECONDS:
+                self.batch.flush()
+                flushed = self.last_poll
 
     def _write_commands(self) -> None:
         """Send queued (UN)SUBSCRIBE commands in batches; leave routes that lingered out."""

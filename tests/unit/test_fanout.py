@@ -28,7 +28,6 @@ from websocket import ABNF
 from websocket._abnf import frame_buffer
 
 from tests.support import forwarded_message
-from tidings import metrics
 from tidings.keys import history_key
 from webapp import backpressure, fanout
 from webapp import queue as queue_module
@@ -362,22 +361,22 @@ def test_routed_messages_go_out_directly_framed_from_the_bytes_and_are_counted(
     harness = Harness(history=redis_client)
     try:
         conn = harness.connect()
-        counted: list[tuple[int, int]] = []
-        monkeypatch.setattr(metrics, "sent", lambda n, size: counted.append((n, size)))
         raw = forwarded_message(redis_client, "public.x", [{"n": 7}])
         # The publications list is sliced out of the message, never decoded:
         # only the small `tidings` metadata is.
-        decoded: list[bytes] = []
-        real_loads = json.loads
-        spy = SimpleNamespace(loads=lambda text: decoded.append(text) or real_loads(text))
-        monkeypatch.setattr(queue_module, "json", spy)
+        decoded: list[str] = []
+        real = queue_module._decode
+        monkeypatch.setattr(queue_module, "_decode", lambda t: decoded.append(t) or real(t))
+        monkeypatch.setattr(queue_module, "json", None)  # nothing else decodes
         harness.manager._deliver_routed("public.x", raw)
-        assert decoded and not any(b'"offset"' in text for text in decoded)
+        assert decoded and not any('"offset"' in text for text in decoded)
         assert harness.queued == []
         (frame,) = conn.read(1)
         event, (pub,) = json.loads(frame.data.decode()[2:])
         assert event == "publications" and pub["data"] == {"n": 7}
-        assert counted == [(1, len(frame.data))]
+        # Counted in the read's batch, written to the metrics once per read.
+        batch = harness.manager.batch
+        assert (batch.recipients, batch.bytes) == (1, len(frame.data))
         assert harness.manager._shown["public.x"][1] == pub["offset"]
     finally:
         harness.close()
