@@ -6,6 +6,7 @@ import base64
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -640,3 +642,90 @@ class BareConnect:
         with contextlib.suppress(OSError):
             self._reader.close()  # the socket stays open while its file does
             self.sock.close()
+
+
+_OFFSET_IN_FRAME = re.compile(rb'"topic":"([^"]+)","offset":"(\d+)-(\d+)"')
+
+
+class CountingReader(BareConnect):
+    """A bare websocket client that subscribes, then counts publications on a thread of its own.
+
+    Built for bursts of hundreds of thousands: per frame it counts the
+    publications and checks the first and last offset against the topic's
+    previous frame (one frame is one topic's batch, in order), keeping no
+    publication. Answers engine.io's PINGs.
+    """
+
+    def __init__(self, port: int, topics: Sequence[str], source: str = "127.0.0.1") -> None:
+        super().__init__(port, source)
+        assert self.answer == "connected", self.answer
+        self.counts: Counter[str] = Counter()
+        self.last: dict[str, tuple[int, int]] = {}
+        self.out_of_order = 0
+        self.frames = 0
+        for n, topic in enumerate(topics):
+            self._send_text(f'42{n}["subscribe",{{"topic":"{topic}"}}]')
+            while True:
+                text = self._read_text()
+                if text == "2":
+                    self._send_text("3")
+                elif text.startswith(f"43{n}["):
+                    assert json.loads(text[2 + len(str(n)) :])[0]["ok"], text
+                    break
+                else:
+                    raise AssertionError(f"unexpected packet {text[:200]!r}")
+        self.sock.settimeout(None)
+        self._thread = threading.Thread(target=self._count, daemon=True, name="counting")
+        self._thread.start()
+
+    def total(self) -> int:
+        """Return how many publications arrived, all topics."""
+        return sum(self.counts.values())
+
+    def close(self) -> None:
+        """Wake the counting thread with a shutdown, let it end, then close."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        # Closing the reader under a thread blocked in it would wait on its lock.
+        self._thread.join(timeout=10)
+        super().close()
+
+    def _count(self) -> None:
+        while True:
+            try:
+                text = self._read_bytes()
+            except (OSError, ValueError):  # closed under the thread
+                return
+            if text is None:
+                return
+            if text == b"2":
+                with contextlib.suppress(OSError):  # closed under the thread
+                    self._send_text("3")
+            elif text.startswith(b'42["publications"'):
+                self._frame(text)
+
+    def _frame(self, text: bytes) -> None:
+        self.frames += 1
+        found = _OFFSET_IN_FRAME.findall(text)  # C speed: a tuple per publication
+        if not found:
+            return
+        topic = found[0][0].decode()
+        first = (int(found[0][1]), int(found[0][2]))
+        last = (int(found[-1][1]), int(found[-1][2]))
+        previous = self.last.get(topic)
+        if (previous is not None and first <= previous) or last < first:
+            self.out_of_order += 1
+        self.last[topic] = last
+        self.counts[topic] += len(found)
+
+    def _read_bytes(self) -> bytes | None:
+        head = self._reader.read(2)
+        if len(head) < 2:
+            return None
+        opcode, length = head[0] & 0x0F, head[1] & 0x7F
+        if length == 126:
+            length = struct.unpack("!H", self._reader.read(2))[0]
+        elif length == 127:
+            length = struct.unpack("!Q", self._reader.read(8))[0]
+        payload = self._reader.read(length)
+        return None if opcode == 0x8 else payload

@@ -63,6 +63,8 @@ BACKOFF_START = 0.05
 BACKOFF_MAX = 1.0
 # The loop wakes at least every POLL_SECONDS; older than this means it is stuck.
 STALE_AFTER_SECONDS = 5.0
+# Queue messages handled before the loop lets other greenlets run.
+REPLIES_PER_TURN = 256
 # How often the counts of routed deliveries reach the metrics: each write is
 # a memory-mapped file update in multiprocess mode, too dear per read.
 FLUSH_SECONDS = 0.5
@@ -525,7 +527,7 @@ class QueueManager(socketio.PubSubManager):
         caught_up: list[Route] = []
         flushed = 0.0
         while not self._closed:
-            replies = connection.read(POLL_SECONDS)
+            replies = connection.read(POLL_SECONDS, max_replies=REPLIES_PER_TURN)
             self.last_poll = time.monotonic()
             for reply in replies:
                 if not isinstance(reply, list) or len(reply) < 3:
@@ -570,6 +572,11 @@ class QueueManager(socketio.PubSubManager):
             if self.last_poll - flushed >= FLUSH_SECONDS:
                 self.batch.flush()
                 flushed = self.last_poll
+            if replies:
+                # A burst is read in turns: writers, pings and handlers run
+                # between them (without this, 100,000 queued messages held the
+                # event loop for seconds).
+                self.server.sleep(0)
 
     def _write_commands(self) -> None:
         """Send queued (UN)SUBSCRIBE commands in batches; leave routes that lingered out."""
