@@ -9,7 +9,8 @@ It prints published, delivered, lost, duplicated (as the application sees
 them, after the client's de-duplication by offset, and on the wire before
 it), whether every client saw offsets in order, the longest gap between two
 deliveries, and the same counts for fast (pub/sub) publications, which are
-allowed to be lost during faults.
+allowed to be lost during faults; and, once the faults are over, a pipelined
+burst of fast publications, of which none may be lost.
 """
 
 from __future__ import annotations
@@ -51,6 +52,11 @@ FAST_TOPIC = "public.chaos.fast"
 HEAVY_TOPIC = "public.chaos.heavy"
 HEAVY = "h" * 60_000
 BLOB = "x" * 1000
+# After the faults, with everything up again: a pipelined burst on the fast
+# path, which must reach every client whole (at most once means lost while
+# nothing forwards, not lost while the listener runs).
+BURST_TOPIC = "public.chaos.burst"
+BURST = 10_000
 
 
 @dataclass
@@ -65,9 +71,14 @@ class Watcher:
     raw_n: dict[str, set[int]] = field(default_factory=dict)
     times: list[float] = field(default_factory=list)
     fast: int = 0
+    # Numbers of the after-fault burst (-1: a probe) as delivered.
+    burst: list[int] = field(default_factory=list)
     client: TidingsClient | None = None
 
     def on_publication(self, pub: dict[str, Any]) -> None:
+        if pub["topic"] == BURST_TOPIC:
+            self.burst.append(pub["data"]["b"])
+            return
         self.times.append(time.monotonic())
         if pub["topic"] == FAST_TOPIC:
             self.fast += 1
@@ -118,6 +129,10 @@ class Report:
     faults: list[str]
     missing: list[str] = field(default_factory=list)
     retried: int = 0
+    # The fast burst after the faults: sent, and lost / twice over all clients.
+    burst_sent: int = 0
+    burst_lost: int = 0
+    burst_duplicated: int = 0
 
     def lines(self) -> list[str]:
         """Return the report as printable lines."""
@@ -134,6 +149,8 @@ class Report:
             f"longest gap between two deliveries to one client: {self.longest_gap:.2f}s",
             f"fast (pub/sub): published {self.fast_published}, median client received "
             f"{self.fast_delivered_median:.0f} ({fast_loss:.1%} lost)",
+            f"fast burst after the faults: {self.burst_sent} pipelined to each client,"
+            f" lost {self.burst_lost}, twice {self.burst_duplicated} (all clients)",
             "faults: " + "; ".join(self.faults),
             *(["missing: " + "; ".join(self.missing[:20])] if self.missing else []),
         ]
@@ -180,7 +197,7 @@ class Chaos:
                 websocket_extra_options={"sockopt": [(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)]},
             )
             watcher.client.connect()
-            for topic in watcher.topics:
+            for topic in [*watcher.topics, BURST_TOPIC]:
                 assert watcher.client.subscribe(topic)["ok"]
         stalling = self.watchers[1].client
         assert stalling is not None and stalling.subscribe(HEAVY_TOPIC)["ok"]
@@ -292,7 +309,7 @@ class Chaos:
         # Carry the positions over, as an application keeping them would.
         watcher.client._topics = old._topics
         watcher.client.connect()
-        for topic in watcher.topics:
+        for topic in [*watcher.topics, BURST_TOPIC]:
             watcher.client.subscribe(topic)
         self.faults.append(f"client 0 disconnected for {seconds:g}s")
 
@@ -393,7 +410,28 @@ class Chaos:
         deadline = time.monotonic() + 60
         while not complete() and time.monotonic() < deadline:
             time.sleep(0.1)
+        self._fast_burst()
         return self.report()
+
+    def _fast_burst(self) -> None:
+        """Probe until every client hears the burst topic again, then pipeline BURST of them."""
+        deadline = time.monotonic() + 60
+        while not all(-1 in w.burst for w in self.watchers) and time.monotonic() < deadline:
+            self._client.publish("tidings:topic:" + BURST_TOPIC, b'{"b":-1}')
+            time.sleep(0.2)
+        pipe = self._client.pipeline(transaction=False)
+        for n in range(BURST):
+            pipe.publish("tidings:topic:" + BURST_TOPIC, b'{"b":%d}' % n)
+        pipe.execute()
+        self.burst_sent = BURST
+        deadline = time.monotonic() + 60
+
+        def received() -> bool:
+            return all(len([n for n in w.burst if n >= 0]) >= BURST for w in self.watchers)
+
+        while not received() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.3)  # anything sent twice would have arrived by now
 
     def report(self) -> Report:
         """Count what every client got against what was published."""
@@ -429,6 +467,15 @@ class Chaos:
             times = watcher.times
             gaps.append(max((b - a for a, b in itertools.pairwise(times)), default=0.0))
         wire = sum(count - 1 for w in self.watchers for count in w.raw.values())
+        burst = [[n for n in w.burst if n >= 0] for w in self.watchers]
+        burst_lost = sum(len(set(range(self.burst_sent)) - set(got)) for got in burst)
+        for watcher, got in zip(self.watchers, burst, strict=True):
+            if len(set(got)) < self.burst_sent:
+                missing.append(
+                    f"client {watcher.index} {BURST_TOPIC}: {len(set(got))} of the burst,"
+                    f" probe heard: {-1 in watcher.burst}; {watcher.describe(BURST_TOPIC)}"
+                )
+        burst_twice = sum(len(got) - len(set(got)) for got in burst)
         fast = statistics.median(w.fast for w in self.watchers) if self.watchers else 0
         return Report(
             published=published,
@@ -443,6 +490,9 @@ class Chaos:
             faults=self.faults,
             missing=missing,
             retried=sum(len(numbers) for numbers in self.ambiguous.values()),
+            burst_sent=self.burst_sent,
+            burst_lost=burst_lost,
+            burst_duplicated=burst_twice,
         )
 
     def close(self) -> None:
@@ -519,7 +569,13 @@ def main() -> None:
         report = chaos.run(schedule)
         print("\n".join(report.lines()))
         print(f"logs: {directory}")
-        if report.lost or report.duplicated or report.out_of_order:
+        if (
+            report.lost
+            or report.duplicated
+            or report.out_of_order
+            or report.burst_lost
+            or report.burst_duplicated
+        ):
             raise SystemExit(1)
     finally:
         chaos.close()
