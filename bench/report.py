@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from bench.routed import past_ceiling
+from bench.routed import ceiling, own_rows, past_ceiling
 from bench.workloads import Row, Sizes
 
 COLUMNS = [
@@ -267,25 +267,6 @@ CEILING_POINTS = (10_000.0, 20_000.0)
 SCALE_RATIO = 1.2
 
 
-def _own_rows(rows: Iterable[Row], system: str) -> list[Row]:
-    """A system's paced own-topics rows, by rate."""
-    mine = [r for r in rows if r.system == system and r.workload.startswith("own-topics ")]
-    return sorted((r for r in mine if r.rate is not None), key=lambda r: r.rate or 0)
-
-
-def ceiling(rows: Iterable[Row], system: str) -> tuple[float | None, Row | None]:
-    """The highest paced own-topics rate with p99 < 200 ms and nothing lost, and the first above.
-
-    Rates are taken in increasing order; the first that fails ends the search.
-    """
-    good: float | None = None
-    for row in _own_rows(rows, system):
-        if past_ceiling(row):
-            return good, row
-        good = row.rate
-    return good, None
-
-
 def _ceiling_text(rows: list[Row], system: str) -> str:
     good, bad = ceiling(rows, system)
     text = f"{system} {'-' if good is None else f'{good:,.0f}/s'}"
@@ -318,7 +299,7 @@ def issue13_targets(rows: list[Row]) -> list[tuple[str, str, str]]:
     out: list[tuple[str, str, str]] = []
     own = sorted({r.system for r in rows if r.workload.startswith("own-topics")} - {OWN_PEER})
     for system in own:
-        mine, node = _own_rows(rows, system), _own_rows(rows, OWN_PEER)
+        mine, node = own_rows(rows, system), own_rows(rows, OWN_PEER)
         base = mine[0] if mine else None
         peer = next((r for r in node if base and r.rate == base.rate), None)
         if base and peer and base.cpu_us_per_delivery and peer.cpu_us_per_delivery:
@@ -636,12 +617,14 @@ def markdown(
         f"{sizes.own_rate:,.0f}/s round robin over the topics for {sizes.own_seconds:g} s; "
         f"a burst of {sizes.own_burst:,} over the topics; then "
         + ", ".join(f"{float(rate):,.0f}/s" for rate in sizes.ceiling_rates.split(","))
-        + f" for {sizes.ceiling_seconds:g} s each, "
-        "a system stopping at its first rate with p99 >= 200 ms or any loss, then "
-        f"{sizes.ceiling_bisect} midpoint(s) of its last bracket (the ceiling);",
+        + f" for {sizes.ceiling_seconds:g} s each on every system, then "
+        f"{sizes.ceiling_bisect} midpoint(s) between a system's highest rate with p99 "
+        "< 200 ms and nothing lost and the first rate above it that was not (the ceiling);",
         f"7. fast-burst: {sizes.fast_burst:,} `PUBLISH` as fast as the publisher pipelines "
         f"them (100 per round trip), to one topic with {sizes.fast_burst_clients} clients, "
-        f"and round robin over {sizes.fast_burst_topics:,} topics with one client each;",
+        f"and round robin over {sizes.fast_burst_topics:,} topics with one client each; "
+        "Tidings with one web worker and the `node` peer only (the naive app needs "
+        "minutes for it);",
         f"8. scale-out: Tidings with {sizes.scale_workers.replace(',', ', ')} web workers "
         f"(started for this workload), {sizes.scale_clients} clients on disjoint topics "
         "(the kernel spreads their connections over the workers), "

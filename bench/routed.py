@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from bench.load import Generators, Publisher
-from bench.systems import System, Tidings
+from bench.systems import System, Tidings, stop_all
 from bench.workloads import (
     Context,
     Measurement,
@@ -185,48 +185,51 @@ def own_topics(ctx: Context, variants: list[tuple[System, bool]]) -> list[Row]:
     return rows
 
 
-def _ceiling(ctx: Context, held: list[Held], base: list[Row]) -> list[Row]:
-    """Rising rates until each system fails one, then midpoints of its last bracket."""
-    s = ctx.sizes
-    good = {item.name: 0.0 for item in held}
-    bad: dict[str, float] = {}
-    for row in base:
+def own_rows(rows: Iterable[Row], system: str) -> list[Row]:
+    """A system's paced own-topics rows, by rate."""
+    mine = [r for r in rows if r.system == system and r.workload.startswith("own-topics ")]
+    return sorted((r for r in mine if r.rate is not None), key=lambda r: r.rate or 0)
+
+
+def ceiling(rows: Iterable[Row], system: str) -> tuple[float | None, Row | None]:
+    """The highest paced own-topics rate with p99 < 200 ms and nothing lost, and the first above.
+
+    Rates are taken in increasing order; the first that fails ends the search.
+    """
+    good: float | None = None
+    for row in own_rows(rows, system):
         if past_ceiling(row):
-            bad[row.system] = s.own_rate
-        else:
-            good[row.system] = s.own_rate
+            return good, row
+        good = row.rate
+    return good, None
+
+
+def _ceiling(ctx: Context, held: list[Held], base: list[Row]) -> list[Row]:
+    """Every fixed rate on every system, then midpoints of each system's bracket."""
+    s = ctx.sizes
     rows: list[Row] = []
 
     def step(rate: float, items: list[Held]) -> None:
-        measured = _phase(
-            ctx,
-            items,
-            f"own-topics {rate:,.0f}/s",
-            rate,
-            lambda item: item.paced(rate, s.ceiling_seconds),
+        rows.extend(
+            _phase(
+                ctx,
+                items,
+                f"own-topics {rate:,.0f}/s",
+                rate,
+                lambda item: item.paced(rate, s.ceiling_seconds),
+            )
         )
-        for row in measured:
-            if past_ceiling(row):
-                bad[row.system] = min(rate, bad.get(row.system, rate))
-            else:
-                good[row.system] = max(rate, good[row.system])
-        rows.extend(measured)
 
-    rates = sorted(float(r) for r in s.ceiling_rates.split(",") if r.strip())
-    for rate in rates:
-        climbing = [
-            item
-            for item in held
-            if not item.failed and item.name not in bad and rate > good[item.name]
-        ]
-        if climbing:
-            step(rate, climbing)
+    for rate in sorted(float(r) for r in s.ceiling_rates.split(",") if r.strip()):
+        step(rate, [item for item in held if not item.failed])
     for _ in range(s.ceiling_bisect):
         for item in held:
-            if item.name in bad and not item.failed:
-                middle = round((good[item.name] + bad[item.name]) / 2, -2)
-                if good[item.name] < middle < bad[item.name]:
-                    step(middle, [item])
+            good, bad = ceiling(base + rows, item.name)
+            if item.failed or bad is None or bad.rate is None:
+                continue
+            middle = round(((good or 0) + bad.rate) / 2, -2)
+            if (good or 0) < middle < bad.rate:
+                step(middle, [item])
     return rows
 
 
@@ -384,8 +387,7 @@ def scale_out(ctx: Context) -> list[Row]:
             s.scale_clients,
         )
     finally:
-        for system in started:
-            system.stop()
+        stop_all(started)
     for row in rows:
         row.rate = s.scale_rate
         if row.workers:

@@ -18,6 +18,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,7 +27,7 @@ from pathlib import Path
 import redis
 import requests
 
-from bench.measure import own_rss_bytes
+from bench.measure import cpu_seconds, own_rss_bytes
 from tests.support import ROOT, VENV_BIN, Proc, RedisServer, Stack, free_port
 
 PEERS = ROOT / "bench" / "peers"
@@ -170,6 +171,14 @@ class System:
         """The processes that hold the websockets (memory per connection is theirs)."""
         raise NotImplementedError
 
+    def cpu_by_process(self) -> dict[str, float]:
+        """CPU seconds so far of each server process with its descendants, and of Redis."""
+        parts = {proc.name: cpu_seconds([proc.pid]) for proc in self.procs if proc.alive()}
+        process = self.redis_server.process
+        if process is not None:
+            parts["redis"] = cpu_seconds([process.pid])
+        return parts
+
     def web_rss(self) -> int:
         """Resident memory of the websocket-holding processes."""
         return own_rss_bytes(self.web_pids())
@@ -180,6 +189,15 @@ class System:
             proc.stop(timeout=10)
         self.procs.clear()
         self.redis_server.stop()
+
+
+def stop_all(systems: list[System]) -> None:
+    """Stop systems side by side: each gunicorn waits out its graceful timeout on websockets."""
+    threads = [threading.Thread(target=s.stop, name=f"stop-{s.name}") for s in systems]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
 
 
 def _children(pid: int) -> list[int]:

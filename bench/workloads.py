@@ -53,16 +53,16 @@ class Sizes:
     own_rate: float = 2000  # durable publications/s over the own topics, round robin
     own_seconds: float = 10
     own_burst: int = 20000
-    ceiling_rates: str = "10000,20000,40000"  # tried in order until p99 >= 200 ms or a loss
-    ceiling_bisect: int = 1  # midpoints tried between the last good and the first bad rate
+    ceiling_rates: str = "10000,20000"  # fixed points, each run on every system
+    ceiling_bisect: int = 2  # then midpoints between the highest good and the first bad rate
     ceiling_seconds: float = 5
     fast_burst: int = 100000  # pub/sub publications per fast burst
-    fast_burst_clients: int = 10  # on the one topic
+    fast_burst_clients: int = 5  # on the one topic
     fast_burst_topics: int = 1000  # one client each
     scale_workers: str = "1,2,4,8"
     scale_clients: int = 400
     scale_rate: float = 1600
-    scale_seconds: float = 8
+    scale_seconds: float = 6
     scale_reps: int = 2
     generator_processes: int = 2
     settle: float = 5.0  # seconds without a delivery before the rest counts as lost
@@ -148,6 +148,8 @@ class Measurement:
     subscribe_retries: int = 0
     # Per web worker pid: routed publications received and delivered in the window.
     workers: dict[int, dict[str, int]] | None = None
+    # CPU seconds of each server process (with its children) and of Redis, in the window.
+    cpu_parts: dict[str, float] = field(default_factory=dict)
 
     @property
     def deliveries_per_s(self) -> float:
@@ -175,6 +177,11 @@ class Measurement:
             if self.seconds
             else None,
             "server_cores": round(self.server_cpu / self.seconds, 2) if self.seconds else None,
+            "cores_by_process": {
+                name: round(cpu / self.seconds, 2) for name, cpu in self.cpu_parts.items()
+            }
+            if self.seconds
+            else {},
             "unexpected_closes": d.unexpected_closes,
             "unexpected": d.unexpected,
         }
@@ -246,6 +253,7 @@ def _measure(
 ) -> Measurement:
     pids = system.server_pids()
     cpu_before = cpu_seconds(pids)
+    parts_before = system.cpu_by_process()
     generator_before = gens.cpu()
     with PeakSampler(lambda: rss_bytes(pids)) as sampler:
         start = now_ms()
@@ -256,6 +264,7 @@ def _measure(
         )
         server_cpu = cpu_seconds(pids) - cpu_before
         generator_cpu = gens.cpu() - generator_before
+        parts = system.cpu_by_process()
     delivery = gens.report(publisher.expected())
     seconds = (delivery.last_ms - start) / 1000 if delivery.last_ms else 0.0
     return Measurement(
@@ -267,6 +276,7 @@ def _measure(
         generator_cpu=generator_cpu,
         peak_rss=sampler.peak,
         subscribe_retries=gens.subscribe_retries,
+        cpu_parts={name: cpu - parts_before.get(name, 0.0) for name, cpu in parts.items()},
     )
 
 
@@ -324,9 +334,17 @@ def aggregate(
     cores = [s["generator_cores"] for s in summaries if s["generator_cores"] is not None]
     busy = [s["server_cores"] for s in summaries if s["server_cores"] is not None]
     if cores and busy:
+        by_process = [s["cores_by_process"] for s in summaries]
+        names = list(dict.fromkeys(name for parts in by_process for name in parts))
+
+        def busy_of(name: str) -> str:
+            return f"{statistics.median(p.get(name, 0.0) for p in by_process):.2f}"
+
+        split = ", ".join(f"{name} {busy_of(name)}" for name in names if name != "redis")
         row.notes.append(
-            f"servers busy {statistics.median(busy):.2f} cores, "
-            f"generator {statistics.median(cores):.2f}"
+            f"servers busy {statistics.median(busy):.2f} cores ({split}), "
+            + (f"redis {busy_of('redis')}, " if "redis" in names else "")
+            + f"generator {statistics.median(cores):.2f}"
         )
     return row
 
