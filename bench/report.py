@@ -422,8 +422,8 @@ def _scale_section(rows: list[Row], chart: str | None) -> list[str]:
     if chart:
         lines += [f"![scale-out: CPU per delivery and publications per worker]({chart})", ""]
     lines += [
-        "| workers | CPU us/deliv | vs one worker | publications | per worker: "
-        "clients / received / delivered |",
+        "| workers | CPU us/deliv | vs one worker | publications | per worker, summed over "
+        "the runs: clients / received / delivered |",
         "|---:|---:|---:|---:|---|",
     ]
     one = next((r for r in scale if workers_of(r) == 1), None)

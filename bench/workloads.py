@@ -125,7 +125,8 @@ class Row:
     kb_per_connection: float | None = None
     # Publications per second offered, for paced rows of issue 13.
     rate: float | None = None
-    # Per web worker (Tidings' stats hashes): pid, clients, routed received/delivered.
+    # Per web worker (Tidings' stats hashes): pid, and summed over the runs its
+    # clients and the routed publications it received and delivered.
     workers: list[dict[str, int]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     runs: list[dict[str, Any]] = field(default_factory=list)
@@ -328,7 +329,7 @@ def aggregate(
             if mine is None:
                 row.workers.append({"pid": pid, "clients": 0, "received": 0, "delivered": 0})
                 mine = row.workers[-1]
-            mine["clients"] = counts["clients"]
+            mine["clients"] += counts["clients"]
             mine["received"] += counts["received"]
             mine["delivered"] += counts["delivered"]
     cores = [s["generator_cores"] for s in summaries if s["generator_cores"] is not None]
