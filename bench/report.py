@@ -172,6 +172,19 @@ def verdict(ok: bool | None) -> str:
     return "n/a" if ok is None else "met" if ok else "**missed**"
 
 
+def _cpu_target(
+    target: str, mine: Row | None, other: Row | None, limit: float = 1.0
+) -> list[tuple[str, str, str]]:
+    """CPU per delivery of `mine` at most `limit` times `other`'s; nothing if one is missing."""
+    if not (mine and other and mine.cpu_us_per_delivery and other.cpu_us_per_delivery):
+        return []
+    ratio = mine.cpu_us_per_delivery / other.cpu_us_per_delivery
+    measured = (
+        f"{mine.cpu_us_per_delivery:.1f} us vs {other.cpu_us_per_delivery:.1f} us: {ratio:.2f}x"
+    )
+    return [(target, measured, verdict(ratio <= limit))]
+
+
 def targets(rows: list[Row]) -> list[tuple[str, str, str]]:
     """Issues 7 and 13's targets: (target, measured, verdict) for each Tidings configuration."""
     return issue7_targets(rows) + issue13_targets(rows)
@@ -205,18 +218,11 @@ def issue7_targets(rows: list[Row]) -> list[tuple[str, str, str]]:
                 )
             )
         for workload in ("burst", "sustained", "light", "many-topics"):
-            node = _find(rows, workload, "node")
-            mine = _find(rows, workload, system)
-            if node and mine and node.cpu_us_per_delivery and mine.cpu_us_per_delivery:
-                ratio = mine.cpu_us_per_delivery / node.cpu_us_per_delivery
-                out.append(
-                    (
-                        f"CPU/delivery <= node's, {workload} ({system})",
-                        f"{mine.cpu_us_per_delivery:.1f} us vs {node.cpu_us_per_delivery:.1f} us: "
-                        f"{ratio:.2f}x",
-                        verdict(ratio <= 1.0),
-                    )
-                )
+            out += _cpu_target(
+                f"CPU/delivery <= node's, {workload} ({system})",
+                _find(rows, workload, system),
+                _find(rows, workload, "node"),
+            )
         mine = _find(rows, "light", system)
         if mine and mine.p50_ms is not None and mine.p99_ms is not None:
             out.append(
@@ -302,15 +308,11 @@ def issue13_targets(rows: list[Row]) -> list[tuple[str, str, str]]:
         mine, node = own_rows(rows, system), own_rows(rows, OWN_PEER)
         base = mine[0] if mine else None
         peer = next((r for r in node if base and r.rate == base.rate), None)
-        if base and peer and base.cpu_us_per_delivery and peer.cpu_us_per_delivery:
-            ratio = base.cpu_us_per_delivery / peer.cpu_us_per_delivery
-            out.append(
-                (
-                    f"own-topics CPU/publication <= {OWN_PEER}'s, {base.rate:,.0f}/s ({system})",
-                    f"{base.cpu_us_per_delivery:.1f} us vs {peer.cpu_us_per_delivery:.1f} us: "
-                    f"{ratio:.2f}x",
-                    verdict(ratio <= 1.0),
-                )
+        if base:
+            out += _cpu_target(
+                f"own-topics CPU/publication <= {OWN_PEER}'s, {base.rate:,.0f}/s ({system})",
+                base,
+                peer,
             )
         if base and peer and base.p99_ms is not None and peer.p99_ms is not None:
             out.append(
@@ -386,17 +388,12 @@ def issue13_targets(rows: list[Row]) -> list[tuple[str, str, str]]:
             )
         )
     scale = {workers_of(r): r for r in rows if r.workload == "scale-out"}
-    one, four = scale.get(1), scale.get(4)
-    if one and four and one.cpu_us_per_delivery and four.cpu_us_per_delivery:
-        ratio = four.cpu_us_per_delivery / one.cpu_us_per_delivery
-        out.append(
-            (
-                f"scale-out CPU/delivery, 4 web workers <= {SCALE_RATIO}x one",
-                f"{four.cpu_us_per_delivery:.1f} us vs {one.cpu_us_per_delivery:.1f} us: "
-                f"{ratio:.2f}x",
-                verdict(ratio <= SCALE_RATIO),
-            )
-        )
+    out += _cpu_target(
+        f"scale-out CPU/delivery, 4 web workers <= {SCALE_RATIO}x one",
+        scale.get(4),
+        scale.get(1),
+        SCALE_RATIO,
+    )
     if scale:
         out.append(
             (
@@ -471,10 +468,6 @@ def scale_chart(rows: list[Row], path: Path) -> bool:
             linestyle="--",
             label=f"target: {SCALE_RATIO}x one worker",
         )
-    cpu.set_xscale("log", base=2)
-    cpu.set_xticks(counts, [str(n) for n in counts])
-    cpu.set_ylim(bottom=0)
-    cpu.set_xlabel("web workers (WEB_CONCURRENCY)")
     cpu.set_ylabel("server CPU per delivery (us)")
     cpu.set_title("total server CPU per delivery")
     cpu.legend(loc="lower right")
@@ -487,13 +480,14 @@ def scale_chart(rows: list[Row], path: Path) -> bool:
     share.plot([], [], "o", color="tab:green", label="received (routed)")
     share.plot([], [], "x", color="black", label="delivered")
     share.plot([], [], "-", color="tab:gray", label="publications / workers")
-    share.set_xscale("log", base=2)
-    share.set_xticks(counts, [str(n) for n in counts])
-    share.set_ylim(bottom=0)
-    share.set_xlabel("web workers (WEB_CONCURRENCY)")
     share.set_ylabel("publications")
     share.set_title("publications per web worker")
     share.legend(loc="upper right")
+    for axes in (cpu, share):
+        axes.set_xscale("log", base=2)
+        axes.set_xticks(counts, [str(n) for n in counts])
+        axes.set_ylim(bottom=0)
+        axes.set_xlabel("web workers (WEB_CONCURRENCY)")
     figure.suptitle(
         f"scale-out: {scale[0][1].clients} clients on disjoint topics, "
         f"{scale[0][1].rate or 0:,.0f} durable publications/s"
