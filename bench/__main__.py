@@ -49,10 +49,16 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> list[Row]:
     args = parse(sys.argv[1:] if argv is None else argv)
     sizes = QUICK if args.quick else FULL
+    # By the declared type: a float knob's default may be written as an int (`= 5`).
+    kinds = {
+        f.name: {"int": int, "float": float, "str": str}[str(f.type)]
+        for f in dataclasses.fields(sizes)
+    }
     for item in args.set:
         knob, _, value = item.partition("=")
-        current = getattr(sizes, knob)
-        sizes = dataclasses.replace(sizes, **{knob: type(current)(value)})
+        if knob not in kinds:
+            raise SystemExit(f"unknown knob {knob!r}; see bench/workloads.py:Sizes")
+        sizes = dataclasses.replace(sizes, **{knob: kinds[knob](value)})
     names = [n for n in args.systems.split(",") if n]
     chosen = [w for w in args.workloads.split(",") if w]
     for workload in chosen:

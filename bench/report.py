@@ -306,8 +306,9 @@ def issue13_targets(rows: list[Row]) -> list[tuple[str, str, str]]:
     own = sorted({r.system for r in rows if r.workload.startswith("own-topics")} - {OWN_PEER})
     for system in own:
         mine, node = own_rows(rows, system), own_rows(rows, OWN_PEER)
-        base = mine[0] if mine else None
-        peer = next((r for r in node if base and r.rate == base.rate), None)
+        # The main paced row, not the ceiling's (whose rates may be lower).
+        base = next((r for r in mine if r.workload.startswith("own-topics ")), None)
+        peer = next((r for r in node if base and r.workload == base.workload), None)
         if base:
             out += _cpu_target(
                 f"own-topics CPU/publication <= {OWN_PEER}'s, {base.rate:,.0f}/s ({system})",

@@ -178,10 +178,12 @@ def own_topics(ctx: Context, variants: list[tuple[System, bool]]) -> list[Row]:
         )
         for row in burst:
             row.notes.insert(0, f"{s.own_burst:,} publications over {s.own_clients} topics")
-        paced = base + _ceiling(ctx, live(), base)
         order = [item.name for item in held]
-        # Paced rows by rate (the ceiling's midpoints run last), then the burst.
-        rows += sorted(paced, key=lambda r: (r.rate or 0, order.index(r.system))) + burst
+        # The ceiling's rows by rate: its midpoints run last.
+        steps = sorted(
+            _ceiling(ctx, live(), base), key=lambda r: (r.rate or 0, order.index(r.system))
+        )
+        rows += base + burst + steps
     finally:
         for item in held:
             item.close()
@@ -189,8 +191,9 @@ def own_topics(ctx: Context, variants: list[tuple[System, bool]]) -> list[Row]:
 
 
 def own_rows(rows: Iterable[Row], system: str) -> list[Row]:
-    """A system's paced own-topics rows, by rate."""
-    mine = [r for r in rows if r.system == system and r.workload.startswith("own-topics ")]
+    """A system's paced own-topics rows (the main rate and the ceiling's), by rate."""
+    paced = ("own-topics ", "ceiling ")
+    mine = [r for r in rows if r.system == system and r.workload.startswith(paced)]
     return sorted((r for r in mine if r.rate is not None), key=lambda r: r.rate or 0)
 
 
@@ -217,7 +220,7 @@ def _ceiling(ctx: Context, held: list[Held], base: list[Row]) -> list[Row]:
             _phase(
                 ctx,
                 items,
-                f"own-topics {rate:,.0f}/s",
+                f"ceiling {rate:,.0f}/s",
                 rate,
                 lambda item: item.paced(rate, s.ceiling_seconds),
             )

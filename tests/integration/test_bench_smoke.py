@@ -88,7 +88,7 @@ def test_quick_bench_of_tidings_completes_with_nothing_lost(node: None, tmp_path
         "connections",
         "own-topics 50/s",
         "own-topics burst",
-        "own-topics 100/s",
+        "ceiling 100/s",
         "fast-burst 1 topic",
         "fast-burst 10 topics",
         "scale-out",
