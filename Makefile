@@ -68,10 +68,10 @@ lock: ## Re-resolve requirements.lock from pyproject.toml.
 	$(BIN)/python -m pip install -q uv && $(BIN)/uv pip compile pyproject.toml --extra dev \
 		--generate-hashes --python $(BIN)/python --custom-compile-command "make lock" -o requirements.lock
 
-bench: install ## Benchmark Tidings, the naive app and a Node peer (< 10 min; needs node): rewrites bench/RESULTS.md.
+bench: install ## Benchmark Tidings, the naive app and Node peers (~11 min; needs node): rewrites bench/RESULTS.md.
 	PATH="$(BIN):$$PATH" $(BIN)/python -m bench
 
-bench-quick: install ## The same benchmark at small sizes (< 1 min); prints the table only.
+bench-quick: install ## The same benchmark at small sizes (~1 min); prints the table only.
 	PATH="$(BIN):$$PATH" $(BIN)/python -m bench --quick
 
 js: ## Rebuild webapp/static/tidings.js (and clients/js/dist) from clients/js/src (plain node).

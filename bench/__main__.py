@@ -8,14 +8,22 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
-from bench import report, systems, workloads
-from bench.workloads import FULL, QUICK, Context, Measurement, Row
+from bench import report, routed, systems, workloads
+from bench.workloads import FULL, QUICK, Context, Row, interleaved
 from tests.support import ROOT
 
-WORKLOADS = ("burst", "sustained", "light", "many-topics", "connections")
+WORKLOADS = (
+    "burst",
+    "sustained",
+    "light",
+    "many-topics",
+    "connections",
+    "own-topics",
+    "fast-burst",
+    "scale-out",
+)
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -41,10 +49,16 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> list[Row]:
     args = parse(sys.argv[1:] if argv is None else argv)
     sizes = QUICK if args.quick else FULL
+    # By the declared type: a float knob's default may be written as an int (`= 5`).
+    kinds = {
+        f.name: {"int": int, "float": float, "str": str}[str(f.type)]
+        for f in dataclasses.fields(sizes)
+    }
     for item in args.set:
         knob, _, value = item.partition("=")
-        current = getattr(sizes, knob)
-        sizes = dataclasses.replace(sizes, **{knob: type(current)(value)})
+        if knob not in kinds:
+            raise SystemExit(f"unknown knob {knob!r}; see bench/workloads.py:Sizes")
+        sizes = dataclasses.replace(sizes, **{knob: kinds[knob](value)})
     names = [n for n in args.systems.split(",") if n]
     chosen = [w for w in args.workloads.split(",") if w]
     for workload in chosen:
@@ -71,8 +85,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         log("all systems ready: " + ", ".join(s.name for s in running))
         rows = run_workloads(ctx, running, chosen, ingest=not args.no_ingest)
     finally:
-        for system in running:
-            system.stop()
+        systems.stop_all(running)
     seconds = time.monotonic() - began
     table = report.text_table(rows)
     print(table)
@@ -82,6 +95,11 @@ def main(argv: list[str] | None = None) -> list[Row]:
         json.dumps({"machine": info, "rows": [r.as_dict() for r in rows]}, indent=1)
     )
     out = args.out or (None if args.quick else report.RESULTS)
+    # The chart goes beside the Markdown that links it (quick: with the raw results).
+    chart = (out.parent if out is not None else workdir) / "scale-out.png"
+    drawn = report.scale_chart(rows, chart)
+    if drawn:
+        log(f"wrote {chart}")
     if out is not None:
         kept = report.separate_section(out.read_text()) if out.exists() else ""
         out.write_text(
@@ -93,6 +111,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
                 info=info,
                 seconds=seconds,
                 load_after=" ".join(f"{x:.2f}" for x in os.getloadavg()),
+                chart=chart.name if drawn else None,
             )
             + (f"\n{kept}" if kept else "")
         )
@@ -101,65 +120,23 @@ def main(argv: list[str] | None = None) -> list[Row]:
     return rows
 
 
-def _interleaved(
-    ctx: Context,
-    workload: str,
-    variants: list[tuple[systems.System, bool]],
-    once: Callable[..., tuple[Measurement, float]],
-    reps: int,
-    clients: int,
-) -> list[Row]:
-    """Run `once` `reps` times on every variant, rotating the order each time.
-
-    Interleaving lets a noisy moment of the shared machine hit every system
-    alike; a failed run is recorded in its row, and the others go on.
-    """
-    runs: dict[str, list[Measurement]] = {}
-    connects: dict[str, list[float]] = {}
-    failures: dict[str, list[str]] = {}
-    names = []
-    for system, durable in variants:
-        name = system.name + (" (ingest)" if durable else "")
-        names.append(name)
-        runs[name], connects[name], failures[name] = [], [], []
-    for rep in range(reps):
-        shift = rep % len(variants)
-        for system, durable in variants[shift:] + variants[:shift]:
-            name = system.name + (" (ingest)" if durable else "")
-            ctx.log(f"{workload} run {rep + 1}/{reps}: {name}")
-            try:
-                run, connect = once(ctx, system, durable=True) if durable else once(ctx, system)
-            except Exception as exc:
-                ctx.log(f"  failed: {exc}")
-                failures[name].append(str(exc)[:300])
-                continue
-            runs[name].append(run)
-            connects[name].append(connect)
-    rows = []
-    for name in names:
-        if runs[name]:
-            row = workloads.aggregate(workload, name, clients, runs[name], max(connects[name]))
-        else:
-            row = Row(workload=workload, system=name, clients=clients)
-        row.notes += [f"failed run: {failure}" for failure in failures[name]]
-        rows.append(row)
-    return rows
-
-
 def run_workloads(
     ctx: Context, running: list[systems.System], chosen: list[str], *, ingest: bool
 ) -> list[Row]:
     """Run the chosen workloads on every system, each workload on all systems in turn."""
     sizes = ctx.sizes
-    plain = [(s, False) for s in running]
+    # The sharded Node peer runs only issue 13's own-topics workload.
+    classic = [s for s in running if not s.routing_peer]
+    plain = [(s, False) for s in classic]
+    durable = [s for s in classic if s.durable][:1]
     rows: list[Row] = []
     if "burst" in chosen:
-        variants = plain + ([(s, True) for s in running if s.durable][:1] if ingest else [])
-        rows += _interleaved(
+        variants = plain + ([(s, True) for s in durable] if ingest else [])
+        rows += interleaved(
             ctx, "burst", variants, workloads.burst_once, sizes.burst_reps, sizes.burst_clients
         )
     if "sustained" in chosen:
-        rows += _interleaved(
+        rows += interleaved(
             ctx,
             "sustained",
             plain,
@@ -168,11 +145,11 @@ def run_workloads(
             sizes.sustained_clients,
         )
     if "light" in chosen:
-        rows += _interleaved(
+        rows += interleaved(
             ctx, "light", plain, workloads.light_once, sizes.light_reps, sizes.light_clients
         )
     if "many-topics" in chosen:
-        many = _interleaved(
+        many = interleaved(
             ctx,
             "many-topics",
             plain,
@@ -189,8 +166,18 @@ def run_workloads(
         rows += many
     if "connections" in chosen:
         # Against one web worker: tidings-2w is left out.
-        single = [s for s in running if s.name != "tidings-2w"]
+        single = [s for s in classic if s.name != "tidings-2w"]
         rows += workloads.connections(ctx, single)
+    if "own-topics" in chosen:
+        # Tidings on its durable path with one web worker; the Node peer has pub/sub only.
+        peers = [(s, False) for s in running if s.routing_peer]
+        rows += routed.own_topics(ctx, [(s, True) for s in durable] + peers)
+    if "fast-burst" in chosen:
+        # The listener's loss is the question: one Tidings and the Node peer answer it,
+        # the naive app would take minutes (8,000 deliveries/s).
+        rows += routed.fast_bursts(ctx, [s for s in classic if s in durable or s.name == "node"])
+    if "scale-out" in chosen:
+        rows += routed.scale_out(ctx)
     return rows
 
 

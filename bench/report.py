@@ -1,4 +1,4 @@
-"""The results table (terminal and Markdown), the machine, and the targets of issue 7."""
+"""The results table (terminal and Markdown), the machine, the targets of issues 7 and 13."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from bench.routed import ceiling, own_rows, past_ceiling
 from bench.workloads import Row, Sizes
 
 COLUMNS = [
@@ -166,12 +167,32 @@ def _find(rows: Iterable[Row], workload: str, system: str) -> Row | None:
     return next((r for r in rows if r.workload == workload and r.system == system), None)
 
 
+def verdict(ok: bool | None) -> str:
+    """A target's verdict cell."""
+    return "n/a" if ok is None else "met" if ok else "**missed**"
+
+
+def _cpu_target(
+    target: str, mine: Row | None, other: Row | None, limit: float = 1.0
+) -> list[tuple[str, str, str]]:
+    """CPU per delivery of `mine` at most `limit` times `other`'s; nothing if one is missing."""
+    if not (mine and other and mine.cpu_us_per_delivery and other.cpu_us_per_delivery):
+        return []
+    ratio = mine.cpu_us_per_delivery / other.cpu_us_per_delivery
+    measured = (
+        f"{mine.cpu_us_per_delivery:.1f} us vs {other.cpu_us_per_delivery:.1f} us: {ratio:.2f}x"
+    )
+    return [(target, measured, verdict(ratio <= limit))]
+
+
 def targets(rows: list[Row]) -> list[tuple[str, str, str]]:
+    """Issues 7 and 13's targets: (target, measured, verdict) for each Tidings configuration."""
+    return issue7_targets(rows) + issue13_targets(rows)
+
+
+def issue7_targets(rows: list[Row]) -> list[tuple[str, str, str]]:
     """Issue 7's targets: (target, measured, verdict) for each Tidings configuration."""
     out: list[tuple[str, str, str]] = []
-
-    def verdict(ok: bool | None) -> str:
-        return "n/a" if ok is None else "met" if ok else "**missed**"
 
     tidings = [s for s in ("tidings-1w", "tidings-2w") if any(r.system == s for r in rows)]
     for system in tidings:
@@ -197,18 +218,11 @@ def targets(rows: list[Row]) -> list[tuple[str, str, str]]:
                 )
             )
         for workload in ("burst", "sustained", "light", "many-topics"):
-            node = _find(rows, workload, "node")
-            mine = _find(rows, workload, system)
-            if node and mine and node.cpu_us_per_delivery and mine.cpu_us_per_delivery:
-                ratio = mine.cpu_us_per_delivery / node.cpu_us_per_delivery
-                out.append(
-                    (
-                        f"CPU/delivery <= node's, {workload} ({system})",
-                        f"{mine.cpu_us_per_delivery:.1f} us vs {node.cpu_us_per_delivery:.1f} us: "
-                        f"{ratio:.2f}x",
-                        verdict(ratio <= 1.0),
-                    )
-                )
+            out += _cpu_target(
+                f"CPU/delivery <= node's, {workload} ({system})",
+                _find(rows, workload, system),
+                _find(rows, workload, "node"),
+            )
         mine = _find(rows, "light", system)
         if mine and mine.p50_ms is not None and mine.p99_ms is not None:
             out.append(
@@ -248,6 +262,241 @@ def targets(rows: list[Row]) -> list[tuple[str, str, str]]:
                 )
             )
     return out
+
+
+# -- issue 13: own topics, fast bursts, scale-out -------------------------------------------
+
+OWN_PEER = "node-sharded"
+# The ceiling's fixed points (durable publications/s, one web worker, one listener).
+CEILING_POINTS = (10_000.0, 20_000.0)
+# CPU per delivery with 4 web workers, at most this times that of one.
+SCALE_RATIO = 1.2
+
+
+def _ceiling_text(rows: list[Row], system: str) -> str:
+    good, bad = ceiling(rows, system)
+    text = f"{system} {'-' if good is None else f'{good:,.0f}/s'}"
+    if bad is not None and bad.rate is not None:
+        p99 = "-" if bad.p99_ms is None else f"{bad.p99_ms:.0f} ms"
+        text += f" ({bad.rate:,.0f}/s: p99 {p99}, lost {bad.lost:,})"
+    elif good is not None:
+        text += " (highest rate tried)"
+    return text
+
+
+def workers_of(row: Row) -> int | None:
+    """The number of web workers of a scale-out row (`tidings-<N>w ...`)."""
+    name = row.system.split()[0].removeprefix("tidings-").removesuffix("w")
+    return int(name) if name.isdigit() else None
+
+
+def routed_exactly(row: Row) -> bool:
+    """Tell whether every worker delivered all it received and the workers received it all once."""
+    received = sum(w["received"] for w in row.workers)
+    return (
+        bool(row.workers)
+        and all(w["received"] == w["delivered"] for w in row.workers)
+        and received == row.publications
+    )
+
+
+def issue13_targets(rows: list[Row]) -> list[tuple[str, str, str]]:
+    """Issue 13's targets: own topics on the durable path, fast bursts, scale-out."""
+    out: list[tuple[str, str, str]] = []
+    own = sorted({r.system for r in rows if r.workload.startswith("own-topics")} - {OWN_PEER})
+    for system in own:
+        mine, node = own_rows(rows, system), own_rows(rows, OWN_PEER)
+        # The main paced row, not the ceiling's (whose rates may be lower).
+        base = next((r for r in mine if r.workload.startswith("own-topics ")), None)
+        peer = next((r for r in node if base and r.workload == base.workload), None)
+        if base:
+            out += _cpu_target(
+                f"own-topics CPU/publication <= {OWN_PEER}'s, {base.rate:,.0f}/s ({system})",
+                base,
+                peer,
+            )
+        if base and peer and base.p99_ms is not None and peer.p99_ms is not None:
+            out.append(
+                (
+                    f"own-topics p99 <= {OWN_PEER}'s, {base.rate:,.0f}/s ({system})",
+                    f"{base.p99_ms:.1f} ms vs {peer.p99_ms:.1f} ms (p50 {base.p50_ms:.2f} vs "
+                    f"{peer.p50_ms:.2f}); lost {base.lost}",
+                    verdict(base.p99_ms <= peer.p99_ms and base.lost == 0),
+                )
+            )
+        burst = _find(rows, "own-topics burst", system)
+        if burst:
+            peer_burst = _find(rows, "own-topics burst", OWN_PEER)
+            against = (
+                f" ({OWN_PEER} {peer_burst.deliveries_per_s:,.0f})"
+                if peer_burst and peer_burst.deliveries_per_s
+                else ""
+            )
+            out.append(
+                (
+                    f"own-topics burst: nothing lost or duplicated ({system})",
+                    f"lost {burst.lost}, duplicated {burst.duplicated}; "
+                    f"{burst.deliveries_per_s or 0:,.0f} deliveries/s{against}",
+                    verdict(burst.lost == 0 and burst.duplicated == 0 and burst.expected > 0),
+                )
+            )
+        points = [next((r for r in mine if r.rate == rate), None) for rate in CEILING_POINTS]
+        measured = "; ".join(
+            f"{rate:,.0f}/s: "
+            + ("not run" if r is None else f"p99 {r.p99_ms or 0:.1f} ms, lost {r.lost:,}")
+            for rate, r in zip(CEILING_POINTS, points, strict=True)
+        )
+        ceilings = [_ceiling_text(rows, system)]
+        if node:
+            ceilings.append(_ceiling_text(rows, OWN_PEER))
+        ok = None if None in points else not any(past_ceiling(r) for r in points if r is not None)
+        out.append(
+            (
+                f"own-topics p99 < 200 ms, nothing lost, at 10,000/s and 20,000/s ({system})",
+                f"{measured}; ceiling {', '.join(ceilings)}",
+                verdict(ok),
+            )
+        )
+    for system in sorted({r.system for r in rows if r.workload.startswith("fast-burst")}):
+        if not system.startswith("tidings"):
+            continue
+        mine_rows = [r for r in rows if r.system == system and r.workload.startswith("fast-burst")]
+        lost = sum(r.lost for r in mine_rows)
+        dup = sum(r.duplicated for r in mine_rows)
+        out.append(
+            (
+                f"fast-path bursts: nothing lost or duplicated ({system})",
+                "; ".join(
+                    f"{r.workload}: lost {r.lost:,}, dup {r.duplicated:,}" for r in mine_rows
+                ),
+                verdict(lost == 0 and dup == 0 and all(r.expected for r in mine_rows)),
+            )
+        )
+    durable = [
+        r
+        for r in rows
+        if r.system.startswith("tidings")
+        and (r.workload.startswith("own-topics") or r.workload == "scale-out")
+    ]
+    if durable:
+        lost = sum(r.lost for r in durable)
+        dup = sum(r.duplicated for r in durable)
+        out.append(
+            (
+                "nothing lost or duplicated, own-topics and scale-out (durable path)",
+                f"lost {lost:,}, duplicated {dup:,} over {len(durable)} rows",
+                verdict(lost == 0 and dup == 0 and all(r.expected for r in durable)),
+            )
+        )
+    scale = {workers_of(r): r for r in rows if r.workload == "scale-out"}
+    out += _cpu_target(
+        f"scale-out CPU/delivery, 4 web workers <= {SCALE_RATIO}x one",
+        scale.get(4),
+        scale.get(1),
+        SCALE_RATIO,
+    )
+    if scale:
+        out.append(
+            (
+                "scale-out: each worker received only its clients' topics "
+                "(received == delivered per worker, sum == publications)",
+                "; ".join(
+                    f"{n}w: {sum(w['received'] for w in r.workers):,} received of "
+                    f"{r.publications:,}" + ("" if routed_exactly(r) else " **mismatch**")
+                    for n, r in sorted(scale.items(), key=lambda item: item[0] or 0)
+                ),
+                verdict(all(routed_exactly(r) for r in scale.values())),
+            )
+        )
+    return out
+
+
+def _scale_section(rows: list[Row], chart: str | None) -> list[str]:
+    """RESULTS.md's scale-out section: the chart and each worker's share."""
+    scale = [r for r in rows if r.workload == "scale-out"]
+    if not scale:
+        return []
+    lines = ["## Scale-out", ""]
+    if chart:
+        lines += [f"![scale-out: CPU per delivery and publications per worker]({chart})", ""]
+    lines += [
+        "| workers | CPU us/deliv | vs one worker | publications | per worker, summed over "
+        "the runs: clients / received / delivered |",
+        "|---:|---:|---:|---:|---|",
+    ]
+    one = next((r for r in scale if workers_of(r) == 1), None)
+    for row in sorted(scale, key=lambda r: workers_of(r) or 0):
+        ratio = (
+            f"{row.cpu_us_per_delivery / one.cpu_us_per_delivery:.2f}x"
+            if one and one.cpu_us_per_delivery and row.cpu_us_per_delivery
+            else "-"
+        )
+        shares = ", ".join(
+            f"{w['clients']} / {w['received']:,} / {w['delivered']:,}"
+            for w in sorted(row.workers, key=lambda w: -w["clients"])
+        )
+        lines.append(
+            f"| {workers_of(row)} | {_fmt('cpu', row.cpu_us_per_delivery)} | {ratio} | "
+            f"{row.publications:,} | {shares or '-'} |"
+        )
+    return [*lines, ""]
+
+
+def scale_chart(rows: list[Row], path: Path) -> bool:
+    """Draw scale-out's chart (CPU per delivery, publications per worker) into `path`."""
+    scale = sorted(
+        ((workers_of(r), r) for r in rows if r.workload == "scale-out" and workers_of(r)),
+        key=lambda item: item[0] or 0,
+    )
+    if not scale:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = [n for n, _ in scale]
+    figure, (cpu, share) = plt.subplots(1, 2, figsize=(11, 4.2))
+    medians = [r.cpu_us_per_delivery for _, r in scale]
+    cpu.plot(counts, medians, "o-", color="tab:blue", label="median")
+    for n, row in scale:
+        runs = [run["cpu_us_per_delivery"] for run in row.runs if run["cpu_us_per_delivery"]]
+        cpu.plot([n] * len(runs), runs, ".", color="tab:blue", alpha=0.4)
+    if scale[0][0] == 1 and medians[0]:
+        cpu.axhline(
+            SCALE_RATIO * medians[0],
+            color="tab:red",
+            linestyle="--",
+            label=f"target: {SCALE_RATIO}x one worker",
+        )
+    cpu.set_ylabel("server CPU per delivery (us)")
+    cpu.set_title("total server CPU per delivery")
+    cpu.legend(loc="lower right")
+    for n, row in scale:
+        ordered = sorted(row.workers, key=lambda w: -w["received"])
+        xs = [n * 2 ** ((k - (len(ordered) - 1) / 2) * 0.04) for k in range(len(ordered))]
+        share.plot(xs, [w["received"] for w in ordered], "o", color="tab:green")
+        share.plot(xs, [w["delivered"] for w in ordered], "x", color="black")
+        share.plot([n / 1.15, n * 1.15], [row.publications / n] * 2, "-", color="tab:gray")
+    share.plot([], [], "o", color="tab:green", label="received (routed)")
+    share.plot([], [], "x", color="black", label="delivered")
+    share.plot([], [], "-", color="tab:gray", label="publications / workers")
+    share.set_ylabel("publications")
+    share.set_title("publications per web worker")
+    share.legend(loc="upper right")
+    for axes in (cpu, share):
+        axes.set_xscale("log", base=2)
+        axes.set_xticks(counts, [str(n) for n in counts])
+        axes.set_ylim(bottom=0)
+        axes.set_xlabel("web workers (WEB_CONCURRENCY)")
+    figure.suptitle(
+        f"scale-out: {scale[0][1].clients} clients on disjoint topics, "
+        f"{scale[0][1].rate or 0:,.0f} durable publications/s"
+    )
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return True
 
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
@@ -294,8 +543,9 @@ def markdown(
     info: dict[str, str],
     seconds: float,
     load_after: str,
+    chart: str | None = None,
 ) -> str:
-    """The whole RESULTS.md."""
+    """The whole RESULTS.md; `chart` names scale-out's PNG beside it, if one was drawn."""
     lines = [
         "# Benchmark results" + (" (quick sizes)" if quick else ""),
         "",
@@ -320,7 +570,9 @@ def markdown(
         "",
         "Each system has a Redis server of its own. Publishers use the pub/sub "
         "path (`PUBLISH tidings:topic:<topic>`, pipelined); the `(ingest)` row "
-        "publishes the same burst through the durable path (`XADD tidings:ingest`).",
+        "publishes the same burst through the durable path (`XADD tidings:ingest`), "
+        "as do all of issue 13's Tidings rows (own-topics, scale-out); the Node peers "
+        "have no durable path and always get pub/sub.",
         "",
         "## Results",
         "",
@@ -353,9 +605,31 @@ def markdown(
         f"5. connections: {sizes.connections:,} idle websocket clients (each subscribed "
         f"to one topic) on one web worker, from {sizes.connections_processes} generator "
         f"processes, held {sizes.connections_hold:g} s, then one publication must reach "
-        "them all.",
+        "them all;",
+        f"6. own-topics (issue 13): {sizes.own_clients:,} clients, each on a topic of its "
+        "own (one recipient per publication), durable publications to Tidings (one web "
+        f"worker, one listener), pub/sub to `{OWN_PEER}`; connected once, then: "
+        f"{sizes.own_rate:,.0f}/s round robin over the topics for {sizes.own_seconds:g} s; "
+        f"a burst of {sizes.own_burst:,} over the topics; then "
+        + ", ".join(f"{float(rate):,.0f}/s" for rate in sizes.ceiling_rates.split(","))
+        + f" for {sizes.ceiling_seconds:g} s each on every system, then "
+        f"{sizes.ceiling_bisect} midpoint(s) between a system's highest rate with p99 "
+        "< 200 ms and nothing lost and the first rate above it that was not (the ceiling);",
+        f"7. fast-burst: {sizes.fast_burst:,} `PUBLISH` as fast as the publisher pipelines "
+        f"them (100 per round trip), to one topic with {sizes.fast_burst_clients} clients, "
+        f"and round robin over {sizes.fast_burst_topics:,} topics with one client each; "
+        "Tidings with one web worker and the `node` peer only (the naive app needs "
+        "minutes for it);",
+        f"8. scale-out: Tidings with {sizes.scale_workers.replace(',', ', ')} web workers "
+        f"(started for this workload), {sizes.scale_clients} clients on disjoint topics "
+        "(the kernel spreads their connections over the workers), "
+        f"{sizes.scale_rate:,.0f} durable publications/s over them for "
+        f"{sizes.scale_seconds:g} s ({sizes.scale_reps} runs, interleaved); each worker's "
+        "routed publications are read from its `tidings:stats:web:<host>:<pid>` hash "
+        "(`routed_received`, `routed_delivered`) before and after.",
         "",
-        "## Targets (issue 7)",
+        *_scale_section(rows, chart),
+        "## Targets (issues 7 and 13)",
         "",
         "| target | measured | verdict |",
         "|---|---|---|",

@@ -4,7 +4,9 @@
   (WEB_CONCURRENCY 1 or 2) and `celery -A tasks worker`;
 - `naive`: `examples/naive_thread/` under its own gunicorn.conf.py, one worker;
 - `node`: `bench/peers/server.js` (socket.io 4, @socket.io/redis-adapter) and
-  `bench/peers/bridge.js` (psubscribe, @socket.io/redis-emitter).
+  `bench/peers/bridge.js` (psubscribe, @socket.io/redis-emitter);
+- `node-sharded`: the same two on the adapter's `createShardedAdapter` (Redis 7
+  sharded pub/sub, a channel per room), the peer of the own-topics workload.
 
 All speak the same client protocol and read the same `tidings:topic:<topic>`
 channels, so one load generator and one publisher drive them all.
@@ -16,6 +18,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,7 +27,7 @@ from pathlib import Path
 import redis
 import requests
 
-from bench.measure import own_rss_bytes
+from bench.measure import cpu_seconds, own_rss_bytes
 from tests.support import ROOT, VENV_BIN, Proc, RedisServer, Stack, free_port
 
 PEERS = ROOT / "bench" / "peers"
@@ -90,6 +93,8 @@ class System:
     description = ""
     # Whether it forwards the durable `XADD tidings:ingest` path too.
     durable = False
+    # A peer for interest routing only: it runs the own-topics workload, not issue 7's.
+    routing_peer = False
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
@@ -166,6 +171,14 @@ class System:
         """The processes that hold the websockets (memory per connection is theirs)."""
         raise NotImplementedError
 
+    def cpu_by_process(self) -> dict[str, float]:
+        """CPU seconds so far of each server process with its descendants, and of Redis."""
+        parts = {proc.name: cpu_seconds([proc.pid]) for proc in self.procs if proc.alive()}
+        process = self.redis_server.process
+        if process is not None:
+            parts["redis"] = cpu_seconds([process.pid])
+        return parts
+
     def web_rss(self) -> int:
         """Resident memory of the websocket-holding processes."""
         return own_rss_bytes(self.web_pids())
@@ -176,6 +189,15 @@ class System:
             proc.stop(timeout=10)
         self.procs.clear()
         self.redis_server.stop()
+
+
+def stop_all(systems: list[System]) -> None:
+    """Stop systems side by side: each gunicorn waits out its graceful timeout on websockets."""
+    threads = [threading.Thread(target=s.stop, name=f"stop-{s.name}") for s in systems]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
 
 
 def _children(pid: int) -> list[int]:
@@ -254,19 +276,34 @@ class Naive(System):
 
 
 class NodePeer(System):
-    """socket.io 4 + @socket.io/redis-adapter, and a redis-emitter bridge process."""
+    """socket.io 4 + @socket.io/redis-adapter, and a bridge process emitting through Redis."""
 
-    name = "node"
-    description = (
-        "Node peer: socket.io 4 server + @socket.io/redis-adapter, "
-        "bridge process with @socket.io/redis-emitter"
-    )
+    def __init__(self, directory: Path, *, sharded: bool = False) -> None:
+        super().__init__(directory)
+        self.sharded = sharded
+        self.routing_peer = sharded
+        if sharded:
+            self.name = "node-sharded"
+            self.description = (
+                "Node peer, sharded: socket.io 4 server + @socket.io/redis-adapter's "
+                "`createShardedAdapter` (SSUBSCRIBE per room), bridge process that is a "
+                "socket.io cluster member on the same adapter (`io.to(room).emit`: SPUBLISH "
+                "on the room's channel)"
+            )
+        else:
+            self.name = "node"
+            self.description = (
+                "Node peer: socket.io 4 server + @socket.io/redis-adapter, "
+                "bridge process with @socket.io/redis-emitter"
+            )
 
     def _start_processes(self) -> None:
         node = node_binary()
         if node is None:
             raise RuntimeError("node not found")
         env = {"PEER_REDIS_URL": self.redis_url, "PEER_PORT": str(self.port)}
+        if self.sharded:
+            env["PEER_ADAPTER"] = "sharded"
         self._spawn("server", [node, str(PEERS / "server.js")], env)
         self._spawn("bridge", [node, str(PEERS / "bridge.js")], env)
 
@@ -275,8 +312,14 @@ class NodePeer(System):
             return False
         client = self.redis()
         try:
+            if self.sharded:
+                # The bridge's pattern, and both adapters on the namespace's channel.
+                members = client.execute_command("PUBSUB", "SHARDNUMSUB", "socket.io#/#")
+                return int(client.execute_command("PUBSUB", "NUMPAT")) >= 1 and int(members[1]) >= 2
             # The adapter's and the bridge's pattern subscriptions.
             return int(client.execute_command("PUBSUB", "NUMPAT")) >= 2
+        except redis.RedisError:
+            return False
         finally:
             client.close()
 
@@ -285,16 +328,17 @@ class NodePeer(System):
 
 
 def make(name: str, directory: Path) -> System:
-    """Build a system by its name."""
-    if name == "tidings-1w":
-        return Tidings(directory / name, workers=1)
-    if name == "tidings-2w":
-        return Tidings(directory / name, workers=2)
+    """Build a system by its name (`tidings-<N>w` for N web workers)."""
+    workers = name.removeprefix("tidings-").removesuffix("w")
+    if name.startswith("tidings-") and workers.isdigit() and int(workers) > 0:
+        return Tidings(directory / name, workers=int(workers))
     if name == "naive":
         return Naive(directory / name)
     if name == "node":
         return NodePeer(directory / name)
+    if name == "node-sharded":
+        return NodePeer(directory / name, sharded=True)
     raise ValueError(f"unknown system {name!r}")
 
 
-ALL = ("tidings-1w", "tidings-2w", "naive", "node")
+ALL = ("tidings-1w", "tidings-2w", "naive", "node", "node-sharded")

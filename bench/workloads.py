@@ -1,5 +1,7 @@
 """The five workloads of issue 7, each measured the same way on every system.
 
+(Issue 13's own-topics, fast-burst and scale-out are in bench/routed.py.)
+
 A measurement: the clients connect and subscribe (timed), one probe
 publication per shared topic proves the path end to end and warms it up, then
 the server processes' CPU time is read, the publications go out, the harness
@@ -46,6 +48,22 @@ class Sizes:
     connections: int = 10000
     connections_hold: float = 60
     connections_processes: int = 4
+    # Issue 13 (bench/routed.py): every client on a topic of its own.
+    own_clients: int = 1000
+    own_rate: float = 2000  # durable publications/s over the own topics, round robin
+    own_seconds: float = 10
+    own_burst: int = 20000
+    ceiling_rates: str = "10000,20000"  # fixed points, each run on every system
+    ceiling_bisect: int = 2  # then midpoints between the highest good and the first bad rate
+    ceiling_seconds: float = 5
+    fast_burst: int = 100000  # pub/sub publications per fast burst
+    fast_burst_clients: int = 5  # on the one topic
+    fast_burst_topics: int = 1000  # one client each
+    scale_workers: str = "1,2,4,8"
+    scale_clients: int = 400
+    scale_rate: float = 1600
+    scale_seconds: float = 6
+    scale_reps: int = 2
     generator_processes: int = 2
     settle: float = 5.0  # seconds without a delivery before the rest counts as lost
 
@@ -66,6 +84,20 @@ QUICK = Sizes(
     connections=500,
     connections_hold=1,
     connections_processes=2,
+    own_clients=100,
+    own_rate=400,
+    own_seconds=1.5,
+    own_burst=2000,
+    ceiling_rates="1000,2000",
+    ceiling_seconds=1,
+    fast_burst=5000,
+    fast_burst_clients=2,
+    fast_burst_topics=100,
+    scale_workers="1,2",
+    scale_clients=40,
+    scale_rate=200,
+    scale_seconds=1.5,
+    scale_reps=1,
     settle=2.0,
 )
 
@@ -91,6 +123,11 @@ class Row:
     generator_us_per_delivery: float | None = None
     connect_s: float | None = None
     kb_per_connection: float | None = None
+    # Publications per second offered, for paced rows of issue 13.
+    rate: float | None = None
+    # Per web worker (Tidings' stats hashes): pid, and summed over the runs its
+    # clients and the routed publications it received and delivered.
+    workers: list[dict[str, int]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     runs: list[dict[str, Any]] = field(default_factory=list)
 
@@ -110,6 +147,10 @@ class Measurement:
     generator_cpu: float
     peak_rss: int
     subscribe_retries: int = 0
+    # Per web worker pid: routed publications received and delivered in the window.
+    workers: dict[int, dict[str, int]] | None = None
+    # CPU seconds of each server process (with its children) and of Redis, in the window.
+    cpu_parts: dict[str, float] = field(default_factory=dict)
 
     @property
     def deliveries_per_s(self) -> float:
@@ -137,6 +178,11 @@ class Measurement:
             if self.seconds
             else None,
             "server_cores": round(self.server_cpu / self.seconds, 2) if self.seconds else None,
+            "cores_by_process": {
+                name: round(cpu / self.seconds, 2) for name, cpu in self.cpu_parts.items()
+            }
+            if self.seconds
+            else {},
             "unexpected_closes": d.unexpected_closes,
             "unexpected": d.unexpected,
         }
@@ -181,10 +227,16 @@ def _connect(
     return gens, seconds
 
 
-def _probe(ctx: Context, gens: Generators, publisher: Publisher, topics: list[str]) -> None:
-    """One publication per shared topic must reach every client before measuring."""
+def _probe(
+    ctx: Context,
+    gens: Generators,
+    publisher: Publisher,
+    topics: list[str],
+    want: int | None = None,
+) -> None:
+    """One publication per topic must reach its clients (default: every client) before measuring."""
     publisher.send(topics)
-    want = gens.clients * len(topics)
+    want = gens.clients * len(topics) if want is None else want
     got = gens.wait_received(want, idle=ctx.sizes.settle, deadline=time.monotonic() + 30)
     if got < want:
         raise RuntimeError(f"probe: {got} of {want} deliveries arrived")
@@ -202,6 +254,7 @@ def _measure(
 ) -> Measurement:
     pids = system.server_pids()
     cpu_before = cpu_seconds(pids)
+    parts_before = system.cpu_by_process()
     generator_before = gens.cpu()
     with PeakSampler(lambda: rss_bytes(pids)) as sampler:
         start = now_ms()
@@ -212,6 +265,7 @@ def _measure(
         )
         server_cpu = cpu_seconds(pids) - cpu_before
         generator_cpu = gens.cpu() - generator_before
+        parts = system.cpu_by_process()
     delivery = gens.report(publisher.expected())
     seconds = (delivery.last_ms - start) / 1000 if delivery.last_ms else 0.0
     return Measurement(
@@ -223,6 +277,7 @@ def _measure(
         generator_cpu=generator_cpu,
         peak_rss=sampler.peak,
         subscribe_retries=gens.subscribe_retries,
+        cpu_parts={name: cpu - parts_before.get(name, 0.0) for name, cpu in parts.items()},
     )
 
 
@@ -268,14 +323,76 @@ def aggregate(
         rates = ", ".join(f"{m.deliveries_per_s / 1000:.0f}k" for m in runs)
         p99s = ", ".join(f"{s['p99_ms']:.1f}" for s in summaries if s["p99_ms"] is not None)
         row.notes.append(f"median of {len(runs)} runs ({rates} deliveries/s; p99 {p99s} ms)")
+    for m in runs:
+        for pid, counts in (m.workers or {}).items():
+            mine = next((w for w in row.workers if w["pid"] == pid), None)
+            if mine is None:
+                row.workers.append({"pid": pid, "clients": 0, "received": 0, "delivered": 0})
+                mine = row.workers[-1]
+            mine["clients"] += counts["clients"]
+            mine["received"] += counts["received"]
+            mine["delivered"] += counts["delivered"]
     cores = [s["generator_cores"] for s in summaries if s["generator_cores"] is not None]
     busy = [s["server_cores"] for s in summaries if s["server_cores"] is not None]
     if cores and busy:
+        by_process = [s["cores_by_process"] for s in summaries]
+        names = list(dict.fromkeys(name for parts in by_process for name in parts))
+
+        def busy_of(name: str) -> str:
+            return f"{statistics.median(p.get(name, 0.0) for p in by_process):.2f}"
+
+        split = ", ".join(f"{name} {busy_of(name)}" for name in names if name != "redis")
         row.notes.append(
-            f"servers busy {statistics.median(busy):.2f} cores, "
-            f"generator {statistics.median(cores):.2f}"
+            f"servers busy {statistics.median(busy):.2f} cores ({split}), "
+            + (f"redis {busy_of('redis')}, " if "redis" in names else "")
+            + f"generator {statistics.median(cores):.2f}"
         )
     return row
+
+
+def interleaved(
+    ctx: Context,
+    workload: str,
+    variants: list[tuple[System, bool]],
+    once: Callable[..., tuple[Measurement, float]],
+    reps: int,
+    clients: int,
+) -> list[Row]:
+    """Run `once` `reps` times on every (system, durable) variant, rotating the order each time.
+
+    Interleaving lets a noisy moment of the shared machine hit every system
+    alike; a failed run is recorded in its row, and the others go on.
+    """
+    runs: dict[str, list[Measurement]] = {}
+    connects: dict[str, list[float]] = {}
+    failures: dict[str, list[str]] = {}
+    names = []
+    for system, durable in variants:
+        name = system.name + (" (ingest)" if durable else "")
+        names.append(name)
+        runs[name], connects[name], failures[name] = [], [], []
+    for rep in range(reps):
+        shift = rep % len(variants)
+        for system, durable in variants[shift:] + variants[:shift]:
+            name = system.name + (" (ingest)" if durable else "")
+            ctx.log(f"{workload} run {rep + 1}/{reps}: {name}")
+            try:
+                run, connect = once(ctx, system, durable=True) if durable else once(ctx, system)
+            except Exception as exc:
+                ctx.log(f"  failed: {exc}")
+                failures[name].append(str(exc)[:300])
+                continue
+            runs[name].append(run)
+            connects[name].append(connect)
+    rows = []
+    for name in names:
+        if runs[name]:
+            row = aggregate(workload, name, clients, runs[name], max(connects[name]))
+        else:
+            row = Row(workload=workload, system=name, clients=clients)
+        row.notes += [f"failed run: {failure}" for failure in failures[name]]
+        rows.append(row)
+    return rows
 
 
 # -- 1. burst ------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """The benchmark harness runs end to end: `python -m bench --quick`, Tidings only, tiny sizes.
 
-A smoke test of `bench/` (issue 7), not a benchmark: it asserts that every
-workload completes and that every client got every publication once, never
-how fast. It needs Node.js for the load generator (`bench/peers/`).
+A smoke test of `bench/` (issues 7 and 13), not a benchmark: it asserts that
+every workload completes and that every client got every publication once,
+never how fast. It needs Node.js for the load generator (`bench/peers/`).
 """
 
 from __future__ import annotations
@@ -32,6 +32,20 @@ TINY = {
     "many_seconds": 1,
     "connections": 50,
     "connections_processes": 2,
+    "own_clients": 10,
+    "own_rate": 50,
+    "own_seconds": 1,
+    "own_burst": 100,
+    "ceiling_rates": "100",
+    "ceiling_bisect": 0,
+    "ceiling_seconds": 1,
+    "fast_burst": 200,
+    "fast_burst_clients": 2,
+    "fast_burst_topics": 10,
+    "scale_workers": "1,2",
+    "scale_clients": 10,
+    "scale_rate": 40,
+    "scale_seconds": 1,
 }
 
 
@@ -66,16 +80,40 @@ def test_quick_bench_of_tidings_completes_with_nothing_lost(node: None, tmp_path
     assert done.returncode == 0, done.stdout + done.stderr
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     workloads = {row["workload"] for row in rows}
-    assert workloads == {"burst", "sustained", "light", "many-topics", "connections"}
-    assert {row["system"] for row in rows} == {"tidings-1w", "tidings-1w (ingest)"}
+    assert workloads == {
+        "burst",
+        "sustained",
+        "light",
+        "many-topics",
+        "connections",
+        "own-topics 50/s",
+        "own-topics burst",
+        "ceiling 100/s",
+        "fast-burst 1 topic",
+        "fast-burst 10 topics",
+        "scale-out",
+    }
+    assert {row["system"] for row in rows} == {
+        "tidings-1w",
+        "tidings-1w (ingest)",
+        "tidings-2w (ingest)",
+    }
     for row in rows:
         assert row["expected"] > 0, row
         assert row["lost"] == 0, row
         assert row["duplicated"] == 0, row
         assert row["delivered"] == row["expected"], row
-    # The table was printed and the Markdown written, targets included.
+    # Interest routing: each web worker received only what it delivered, all of it once.
+    for row in (row for row in rows if row["workload"] == "scale-out"):
+        workers = row["workers"]
+        assert len(workers) == int(row["system"][len("tidings-")]), row
+        assert all(w["received"] == w["delivered"] for w in workers), row
+        assert sum(w["received"] for w in workers) == row["publications"], row
+    # The table was printed and the Markdown written, targets and the chart included.
     assert "deliv/s" in done.stdout
     written = out.read_text()
-    assert "## Targets (issue 7)" in written
+    assert "## Targets (issues 7 and 13)" in written
+    assert "](scale-out.png)" in written
+    assert (tmp_path / "scale-out.png").stat().st_size > 0
     # A separate benchmark's result survives the rewrite, after the generated part.
-    assert written.index("## Targets (issue 7)") < written.index("- **by_hand**")
+    assert written.index("## Targets (issues 7 and 13)") < written.index("- **by_hand**")
