@@ -14,15 +14,18 @@ import tempfile
 # parser. The message-queue connection (tidings.pubsub) only feeds hiredis'
 # Reader bytes it has read itself, no poll: it finds it under another name
 # (3x faster than the pure-Python reader per queue message).
-try:
-    import hiredis as _hiredis
+# (A process that imported it already, such as `flask doctor` reading this
+# file, keeps it: its redis-py may be using it.)
+if "hiredis" not in sys.modules:
+    try:
+        import hiredis as _hiredis
 
-    sys.modules["_tidings_hiredis"] = _hiredis
-except ImportError:  # pragma: no cover - hiredis is in requirements.lock
-    pass
-sys.modules["hiredis"] = None
+        sys.modules["_tidings_hiredis"] = _hiredis
+    except ImportError:  # pragma: no cover - hiredis is in requirements.lock
+        pass
+    sys.modules["hiredis"] = None
 
-from tidings.settings import load_or_exit  # noqa: E402
+from tidings.settings import load_or_exit
 
 _settings = load_or_exit()
 

@@ -32,7 +32,7 @@ import hashlib
 import json
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,8 +67,30 @@ local function receipt(ingest_id, value)
   redis.call('RPUSH', key, value)
   redis.call('PEXPIRE', key, receipt_ms)
 end
-local nacks = tonumber(ARGV[10])
+local nexpect = tonumber(ARGV[10])
 local pos = 11
+if nexpect > 0 then
+  -- The caller saw these entries with a plain XREAD (its wake-up) and made
+  -- the batch from them: it is forwarded only if the group hands exactly
+  -- them to this consumer now. Otherwise nothing is forwarded, and what the
+  -- group handed over goes back to the caller to forward.
+  local claimed = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', nexpect,
+                             'STREAMS', KEYS[2], '>')
+  local entries = claimed and claimed[1][2] or {}
+  local same = #entries == nexpect
+  if same then
+    for j = 1, nexpect do
+      if entries[j][1] ~= ARGV[pos + j - 1] then
+        same = false
+        break
+      end
+    end
+  end
+  if not same then return {{}, entries, '', 'mismatch'} end
+  pos = pos + nexpect
+end
+local nacks = tonumber(ARGV[pos])
+pos = pos + 1
 if nacks > 0 then
   local acks = {}
   for j = 1, nacks do acks[j] = ARGV[pos + j - 1] end
@@ -113,10 +135,10 @@ if nread == 0 then return offsets end
 -- one round trip per batch while entries keep coming.
 local reply = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', nread,
                          'STREAMS', KEYS[2], '>')
-if reply then return {offsets, reply[1][2], ''} end
+if reply then return {offsets, reply[1][2], '', ''} end
 -- Nothing new: the id to wait after (a plain XREAD BLOCK, outside any script).
 local newest = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
-return {offsets, {}, newest[1] and newest[1][1] or '0-0'}
+return {offsets, {}, newest[1] and newest[1][1] or '0-0', ''}
 """
 
 # A receipt nobody collects is gone after this long.
@@ -190,7 +212,7 @@ class Forwarder:
         pubs = list(publications)
         if not pubs and not acks and not drops:
             return []
-        offsets = self._call(pubs, acks, drops, lease_token, path, "", 0)
+        offsets = self._call(pubs, acks, drops, lease_token, path, "", 0, ())
         return [offset.decode() for offset in offsets]
 
     def forward_and_read(
@@ -202,14 +224,19 @@ class Forwarder:
         lease_token: str,
         consumer: str,
         count: int,
-    ) -> tuple[list[str], list, str]:
+        expect: Sequence[bytes | str] = (),
+    ) -> tuple[bool, list, str]:
         """`forward` (path ingest), then read up to `count` new ingest entries for `consumer`.
 
-        Returns the offsets, the entries read ([id, [field, value, ...]], as
-        XREADGROUP gives them), and, when none were, the stream's newest id to
-        wait after. One script call: the read is fenced by the lease too.
+        With `expect`, the ids of entries seen by `wait` (not yet taken from
+        the group), the batch is forwarded only if the group hands exactly
+        those to `consumer` first; else nothing is, and what it handed over
+        is returned as read. Returns whether the batch was forwarded, the
+        entries read ([id, [field, value, ...]], as XREADGROUP gives them),
+        and, when none were, the stream's newest id to wait after. One script
+        call: the read is fenced by the lease too.
         """
-        offsets, entries, newest = self._call(
+        _, entries, newest, mismatch = self._call(
             list(publications),
             list(ack_ids),
             list(dropped_receipts),
@@ -217,8 +244,31 @@ class Forwarder:
             "ingest",
             consumer,
             count,
+            expect,
         )
-        return [offset.decode() for offset in offsets], entries, newest.decode()
+        return not mismatch, entries, newest.decode()
+
+    def wait(self, after: str, *, block_ms: int, count: int) -> list:
+        """Block up to `block_ms` for ingest entries after `after`; return them (maybe none).
+
+        A plain XREAD on the forwarder's connection: it takes nothing from the
+        consumer group, so a listener that lost its lease meanwhile strands
+        nothing; `forward_and_read(expect=...)` takes them.
+        """
+        command = ("XREAD", "COUNT", count, "BLOCK", block_ms, "STREAMS", INGEST_STREAM, after)
+        connection = self._checked_out()
+        try:
+            connection.send_packed_command(
+                [_hiredis_pack(command)] if _hiredis_pack else connection.pack_command(*command)
+            )
+            reply = connection.read_response()
+        except BaseException:
+            connection.disconnect()
+            raise
+        if not reply:
+            return []
+        streams = reply.values() if isinstance(reply, dict) else (entries for _, entries in reply)
+        return next(iter(streams), [])
 
     def _call(
         self,
@@ -229,6 +279,7 @@ class Forwarder:
         path: str,
         consumer: str,
         count: int,
+        expect: Sequence[bytes | str],
     ) -> Any:
         by_topic: dict[str, list[Publication]] = {}
         for pub in pubs:
@@ -244,6 +295,8 @@ class Forwarder:
             str(RECEIPT_TTL_MS),
             consumer,
             str(count),
+            str(len(expect)),
+            *expect,
             str(len(acks)),
             *acks,
             str(len(drops)),

@@ -65,6 +65,13 @@ BACKOFF_MAX = 1.0
 # forward takes near this long, and the fence stops a stale holder anyway.
 CLAIM_IDLE_MS = 5000
 CLAIM_EVERY_SECONDS = 2.0
+# Durable publications arriving in batches less than BUSY_GAP_SECONDS apart
+# are a busy trickle: instead of waking for each, the ingest loop then reads
+# every BUSY_WAIT_SECONDS, so a call carries several publications. At most
+# that much latency is added, and only then; sparser traffic goes out the
+# moment it arrives, and a steady flood never waits (there is always more).
+BUSY_GAP_SECONDS = 0.002
+BUSY_WAIT_SECONDS = 0.001
 TRIM_EVERY_SECONDS = 1.0
 
 _REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
@@ -319,21 +326,24 @@ class Listener:
         *,
         path: str,
         read_next: bool = False,
+        expect: Sequence[bytes | str] = (),
     ) -> tuple[list, str]:
         """Forward a batch, fenced; with `read_next`, return the ingest entries read after it."""
         assert self._lease is not None
         read: tuple[list, str] = ([], "")
+        forwarded = True
 
         def attempt() -> None:
-            nonlocal read
+            nonlocal read, forwarded
             if read_next:
-                _, entries, newest = forwarder.forward_and_read(
+                forwarded, entries, newest = forwarder.forward_and_read(
                     batch,
                     ack_ids=ack_ids,
                     dropped_receipts=dropped_receipts,
                     lease_token=self._lease.token,
                     consumer=self.consumer,
                     count=MAX_BATCH,
+                    expect=expect,
                 )
                 read = (entries, newest)
                 return
@@ -346,7 +356,7 @@ class Listener:
             )
 
         self._while_holding(attempt)
-        if batch:
+        if batch and forwarded:
             # One clock read per batch; the loop over it is the forward's own size.
             self.stats.forwarded(path, (pub.entered_ms for pub in batch), now_ms())
         return read
@@ -438,6 +448,13 @@ class Listener:
 
         last_claim = last_trim = time.monotonic()
         entries, newest = self._forward_entries(forwarder, [], read_next=True)
+        # Whether `entries` came through the group (a fenced read), or only
+        # from the wake-up (to be claimed in the same call that forwards them).
+        taken = True
+        # A busy trickle (batches less than BUSY_GAP_SECONDS apart) is
+        # batched by time: see BUSY_WAIT_SECONDS.
+        busy = False
+        last_batch = 0.0
         while not self._stop.is_set():
             now = time.monotonic()
             if now - last_claim >= CLAIM_EVERY_SECONDS:
@@ -449,15 +466,33 @@ class Listener:
             if now - last_trim >= TRIM_EVERY_SECONDS:
                 trim(keys=[INGEST_STREAM], args=[INGEST_GROUP])
                 last_trim = now
+            if busy and not entries:
+                # Let more arrive before reading: a read per BUSY_WAIT_SECONDS
+                # instead of one per publication (each one a wake-up of the
+                # listener and of the web workers, which cost more than the
+                # publication itself). What is read is forwarded at once.
+                self._stop.wait(BUSY_WAIT_SECONDS)
+                entries, newest = self._forward_entries(forwarder, [], read_next=True)
+                busy = bool(entries)
+                taken = True
+                if not entries:
+                    continue
             if not entries:
-                # Only a wake-up: a plain read changes nothing, so a listener
+                # The wake-up: a plain read changes nothing, so a listener
                 # that lost its lease meanwhile cannot take entries with it.
-                client.xread({INGEST_STREAM: newest}, block=int(POLL_SECONDS * 1000), count=1)
-            # Forward what was read, and read what came meanwhile, in one
-            # fenced script call: one round trip per batch under load.
+                entries = forwarder.wait(newest, block_ms=int(POLL_SECONDS * 1000), count=MAX_BATCH)
+                if not entries:
+                    continue
+                taken = False
+            now = time.monotonic()
+            busy = now - last_batch < BUSY_GAP_SECONDS
+            last_batch = now
+            # Forward what was read (claiming it first if the wake-up read
+            # it) and read what came meanwhile, in one fenced script call.
             entries, newest = self._forward_entries(
-                forwarder, [(e[0], _fields(e[1])) for e in entries], read_next=True
+                forwarder, [(e[0], _fields(e[1])) for e in entries], read_next=True, claim=not taken
             )
+            taken = True
 
     def _own_pending(self, client: redis.Redis) -> list:
         entries: list = []
@@ -493,12 +528,15 @@ class Listener:
         return claimed
 
     def _forward_entries(
-        self, forwarder: Forwarder, entries: list, *, read_next: bool = False
+        self, forwarder: Forwarder, entries: list, *, read_next: bool = False, claim: bool = False
     ) -> tuple[list, str]:
         """Forward ingest entries in batches; with `read_next`, the last call reads the next ones.
 
         Returns the entries read next and, when there were none, the newest
-        id of the stream (to wait after); without `read_next`, nothing.
+        id of the stream (to wait after); without `read_next`, nothing. With
+        `claim`, the entries were only seen (XREAD), not taken from the
+        group: they go in one call that takes them first, or, too large for
+        one batch, are taken by a fenced read and come back to be forwarded.
         """
         batch: list[Publication] = []
         ack_ids: list = []
@@ -517,11 +555,19 @@ class Listener:
                 elif wants_receipt:
                     dropped_receipts.append((entry_id.decode(), pub))
             if len(ack_ids) >= MAX_BATCH or size >= MAX_BATCH_BYTES:
+                if claim:
+                    return self._forward(forwarder, [], [], path="ingest", read_next=True)
                 self._forward(forwarder, batch, ack_ids, dropped_receipts, path="ingest")
                 batch, ack_ids, dropped_receipts, size = [], [], [], 0
         if read_next:
             return self._forward(
-                forwarder, batch, ack_ids, dropped_receipts, path="ingest", read_next=True
+                forwarder,
+                batch,
+                ack_ids,
+                dropped_receipts,
+                path="ingest",
+                read_next=True,
+                expect=ack_ids if claim else (),
             )
         if ack_ids:
             self._forward(forwarder, batch, ack_ids, dropped_receipts, path="ingest")

@@ -491,7 +491,10 @@ class QueueManager(socketio.PubSubManager):
                     return
                 self.reconnects += 1
                 metrics.QUEUE_RECONNECTS.inc()
-                if not self._down:
+                if not isinstance(exc, (redis.RedisError, OSError)):
+                    # Not an outage: a bug, with its stack, every time.
+                    log.exception("message queue: the loop failed; reconnecting")
+                elif not self._down:
                     log.warning("message queue: Redis unavailable (%s); reconnecting", exc)
                     self._down = True
                 time.sleep(backoff)  # gevent-patched: yields to the hub
@@ -575,8 +578,8 @@ class QueueManager(socketio.PubSubManager):
             if replies:
                 # A burst is read in turns: writers, pings and handlers run
                 # between them (without this, 100,000 queued messages held the
-                # event loop for seconds).
-                self.server.sleep(0)
+                # event loop for seconds). gevent-patched: a switch.
+                time.sleep(0)
 
     def _write_commands(self) -> None:
         """Send queued (UN)SUBSCRIBE commands in batches; leave routes that lingered out."""

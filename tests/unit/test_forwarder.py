@@ -117,6 +117,44 @@ def test_ingest_entries_are_acked_in_the_same_step(
     assert redis_client.xpending(INGEST_STREAM, INGEST_GROUP)["pending"] == 0
 
 
+def test_entries_seen_by_the_wake_up_are_forwarded_only_if_the_group_hands_them_over(
+    redis_client: redis.Redis, forwarder: Forwarder
+) -> None:
+    redis_client.xgroup_create(INGEST_STREAM, INGEST_GROUP, id="0", mkstream=True)
+    lease = Lease(redis_client, 3000, since_ms=0)
+    assert lease.acquire()
+
+    def forward(entries: list, expect: list) -> tuple[bool, list, str]:
+        pubs = [Publication("a", fields[b"data"].decode()) for _, fields in entries]
+        return forwarder.forward_and_read(
+            pubs,
+            ack_ids=[entry_id for entry_id, _ in entries],
+            lease_token=lease.token,
+            consumer="me",
+            count=10,
+            expect=expect,
+        )
+
+    assert forwarder.wait("0-0", block_ms=10, count=10) == []
+    first = [redis_client.xadd(INGEST_STREAM, {"topic": "a", "data": str(n)}) for n in range(2)]
+    seen = forwarder.wait("0-0", block_ms=10, count=10)
+    assert [entry_id for entry_id, _ in seen] == first
+    entries = [(entry_id, dict(zip(flat[::2], flat[1::2], strict=True))) for entry_id, flat in seen]
+    forwarded, more, newest = forward(entries, first)
+    assert forwarded and more == [] and newest == first[-1].decode()
+    assert [f[b"d"] for _, f in redis_client.xrange("tidings:history:a")] == [b"0", b"1"]
+    assert redis_client.xpending(INGEST_STREAM, INGEST_GROUP)["pending"] == 0
+    # Another consumer took the next one between the wake-up and the claim:
+    # nothing is forwarded, and what the group hands over comes back instead.
+    later = [redis_client.xadd(INGEST_STREAM, {"topic": "a", "data": str(n)}) for n in (2, 3)]
+    redis_client.xreadgroup(INGEST_GROUP, "someone", {INGEST_STREAM: ">"}, count=1)
+    entries = [(later[0], {b"data": b"2"}), (later[1], {b"data": b"3"})]
+    forwarded, more, _ = forward(entries, later)
+    assert not forwarded
+    assert [entry_id for entry_id, _ in more] == [later[1]]
+    assert redis_client.xlen("tidings:history:a") == 2
+
+
 def test_recover_from_the_beginning_while_history_was_never_trimmed(
     redis_client: redis.Redis, forwarder: Forwarder
 ) -> None:

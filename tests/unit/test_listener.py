@@ -266,3 +266,25 @@ def test_a_burst_whose_replies_arrive_in_pieces_is_forwarded_whole_without_a_rec
     finally:
         running.stop()
         path.close()
+
+
+def test_a_busy_trickle_of_durable_publications_is_forwarded_a_few_per_call(
+    running: Running, redis_client: redis.Redis
+) -> None:
+    """At ~2,000/s, one arrival at a time, the listener must not make a call per publication."""
+    import time
+
+    redis_client.config_resetstat()
+    sent = 1000
+    start = time.monotonic()
+    for n in range(sent):
+        redis_client.xadd(INGEST_STREAM, {"topic": "public.trickle", "data": str(n)})
+        # One at a time, about 2,000 a second.
+        time.sleep(max(0.0, start + (n + 1) / 2000 - time.monotonic()))
+    wait_for(lambda: redis_client.xlen("tidings:history:public.trickle") == sent, timeout=10)
+    stats = redis_client.info("commandstats")
+    # Script calls and wake-up reads; without the batching, at least two per publication.
+    calls = sum(stats.get(f"cmdstat_{c}", {}).get("calls", 0) for c in ("evalsha", "xread"))
+    data = [json.loads(f[b"d"]) for _, f in redis_client.xrange("tidings:history:public.trickle")]
+    assert data == list(range(sent))
+    assert calls < sent, f"{calls} calls for {sent} publications"

@@ -152,3 +152,24 @@ def test_a_live_batch_the_catch_up_already_replayed_is_not_sent_again(
         manager._deliver_routed("a", raw)
     manager._deliver_routed("a", batches[0])  # after a newer message, nothing is trimmed
     assert sent == [[4], [5], [1, 2]]
+
+
+def test_a_bug_in_the_loop_is_logged_with_its_stack_not_as_an_outage(
+    app: Flask, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    manager = app.extensions["tidings.queue"]
+    member(manager, "a")
+    wait_for(lambda: manager.channels() == 1, timeout=5)
+    failures: list[str] = []
+
+    def broken(topic: str, raw: bytes) -> None:
+        failures.append(topic)
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(manager, "_deliver_routed", broken)
+    with caplog.at_level("WARNING", logger="tidings.queue"):
+        forwarded_message(redis_client, "a", [1])
+        wait_for(lambda: manager.reconnects == 1 and manager.channels() == 1, timeout=5)
+    (record,) = [r for r in caplog.records if "failed" in r.getMessage()]
+    assert record.exc_info is not None and "a bug" in str(record.exc_info[1])
+    assert not [r for r in caplog.records if "Redis unavailable" in r.getMessage()]
