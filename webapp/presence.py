@@ -261,7 +261,8 @@ class Presence:
                         count += 1
         elif op == "revoke":
             count = self.reload_revocations()
-        log.info("operator command %s: %d connections on this node", op, count)
+        if count:
+            log.info("operator command %s: %d connections on this node", op, count)
         return count
 
     # -- Socket.IO events: presence, presence_stats ----------------------------------------
