@@ -23,6 +23,7 @@ from tidings.keys import CONTROL_CHANNEL
 log = logging.getLogger("tidings.control")
 
 POLL_SECONDS = 1.0
+CONFIRM_SECONDS = 5.0
 BACKOFF_START = 0.05
 BACKOFF_MAX = 1.0
 
@@ -51,9 +52,10 @@ class ControlListener:
         backoff = BACKOFF_START
         down = False
         while not self.closed():
-            pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+            pubsub = self.client.pubsub()
             try:
                 pubsub.subscribe(CONTROL_CHANNEL)
+                self._confirm(pubsub)
                 self.subscribed = True
                 if down:
                     log.info("control channel: Redis is back; resubscribed")
@@ -74,6 +76,16 @@ class ControlListener:
             finally:
                 with contextlib.suppress(Exception):  # the connection may be gone already
                     pubsub.close()
+
+    @staticmethod
+    def _confirm(pubsub: redis.client.PubSub) -> None:
+        """Read until Redis confirms the SUBSCRIBE (a refusal raises here)."""
+        deadline = time.monotonic() + CONFIRM_SECONDS
+        while time.monotonic() < deadline:
+            reply = pubsub.get_message(timeout=POLL_SECONDS)
+            if reply is not None and reply.get("type") == "subscribe":
+                return
+        raise redis.TimeoutError("no confirmation of SUBSCRIBE " + CONTROL_CHANNEL)
 
     def dispatch(self, raw: bytes | str) -> None:
         """Act on one message of the channel; anything malformed is ignored."""

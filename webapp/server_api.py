@@ -75,21 +75,21 @@ def topics(**context: Any) -> dict[str, Any]:
     return {"topics": server_api.topics(request.args.get("pattern"), **context)}
 
 
-@bp.get("/presence/<topic>")
+@bp.get("/presence/<path:topic>", merge_slashes=False)  # any text: 400, not a 404
 @operator_route
 def presence(topic: str, **context: Any) -> dict[str, Any]:
     """Answer who is subscribed to a presence topic."""
     return server_api.presence(topic, **context)
 
 
-@bp.get("/presence/<topic>/stats")
+@bp.get("/presence/<path:topic>/stats", merge_slashes=False)
 @operator_route
 def presence_stats(topic: str, **context: Any) -> dict[str, Any]:
     """Answer how many connections and users a presence topic has."""
     return server_api.presence_stats(topic, **context)
 
 
-@bp.get("/history/<topic>")
+@bp.get("/history/<path:topic>", merge_slashes=False)
 @operator_route
 def history(topic: str, **context: Any) -> dict[str, Any]:
     """Answer a topic's history (`?since=` offset, `&limit=`)."""

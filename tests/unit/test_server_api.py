@@ -210,3 +210,33 @@ def test_a_revoked_token_is_refused_and_its_connections_closed(
     assert not refused.is_connected()
     by_id = socketio.test_client(app, auth={"token": token("carol", [], jti="gone")})
     assert not by_id.is_connected()
+
+
+def test_cli_commands_print_the_api_answers_and_refuse_bad_input(
+    app: Flask, redis_client: redis.Redis
+) -> None:
+    runner = app.test_cli_runner()
+    client = connect(app, "alice", ["room.*"])
+    client.emit("subscribe", {"topic": "room.1"}, callback=True)
+    client.emit("presence_stats", {"topic": "room.1"}, callback=True)  # flushes this node
+    shown = runner.invoke(args=["presence", "room.1"])
+    assert shown.exit_code == 0 and '"sub": "alice"' in shown.output
+    assert '"topic": "room.1"' in runner.invoke(args=["topics"]).output
+    assert '"nodes"' in runner.invoke(args=["info"]).output
+    refused = runner.invoke(args=["presence", "public.other"])
+    assert refused.exit_code == 2 and "presence_off" in refused.output
+    assert runner.invoke(args=["revoke"]).exit_code == 2
+    assert runner.invoke(args=["revoke", "--sub", "a", "--jti", "b"]).exit_code == 2
+    assert not redis_client.exists("tidings:revoked:version")
+    answer = runner.invoke(args=["revoke", "--jti", "t-1"])
+    assert answer.exit_code == 0 and '"revoked": 1' in answer.output
+
+
+def test_flask_token_carries_iat_and_jti_and_no_longer_than_revocations_last(app: Flask) -> None:
+    runner = app.test_cli_runner()
+    printed = runner.invoke(args=["token", "--sub", "alice", "--topic", "room.*"])
+    claims = jwt.decode(printed.output.strip(), SECRET, algorithms=["HS256"])
+    assert abs(claims["iat"] - time.time()) < 5 and claims["jti"]
+    ttl = app.extensions["tidings.settings"].revocation_ttl
+    too_long = runner.invoke(args=["token", "--sub", "a", "--topic", "x", "--ttl", str(ttl + 1)])
+    assert too_long.exit_code == 2 and "TIDINGS_REVOCATION_TTL" in too_long.output
