@@ -49,7 +49,7 @@ def test_presence_panel_and_operator_disconnect(presence_page: Page, presence_st
     page.click("#subscribe")
     # The panel follows the topic just subscribed to.
     expect(page.locator("#presence-topic")).to_have_value(topic, timeout=TIMEOUT)
-    expect(page.locator('#presence-users li[data-sub="alice"] .clients')).to_have_text("×1")
+    expect(page.locator('#presence-users li[data-sub="alice"] .clients')).to_have_text("\u00d71")
 
     # Another user joins from Python: the page hears the join and shows them, as text.
     other = User(stack.url, token(HOSTILE_SUB, []))
