@@ -1,0 +1,275 @@
+"""What presence costs: CPU of churn with presence on and off; read latency at 10,000 members.
+
+    .venv/bin/python -m bench.presence [--clients 1000] [--rate 50] [--seconds 20] [--rounds 5]
+                                       [--members 10000] [--calls 1000] [--no-record]
+
+Churn: three web nodes (one gunicorn worker each, a Redis each), the same
+but for TIDINGS_PRESENCE_TOPICS: off, on, and on with join/leave events.
+Each holds `--clients` connections (four tabs per user, tokens with `sub`),
+each subscribed to one of 50 topics; in each round, every node in turn
+gets `--rate` moves per second for `--seconds` (a client leaves its topic
+and joins another: one join and one leave), and the web worker's CPU
+seconds over that window are read with psutil. Rounds alternate the order;
+medians.
+
+Reads: two web nodes on one Redis, `--members` clients (5,000 per node with
+the default), each a user of its own, on one presence topic; then a
+Socket.IO client calls `presence_stats` `--calls` times and `presence` a
+fifth as often, one after the other, and the HTTP route as often; the
+latency is the round trip as the caller sees it.
+
+Needs Node.js (bench/peers/presence.js holds the clients).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from subprocess import PIPE, Popen
+from typing import Any
+
+import psutil
+import requests
+import socketio
+
+from bench.measure import cpu_seconds
+from bench.report import separate_result
+from bench.systems import PEERS, node_binary
+from tests.presence_support import API_KEY, SECRET, token
+from tests.support import RedisServer, Stack, wait_for
+
+TOPICS = [f"room.{i}" for i in range(50)]
+TABS = 4
+SYSTEMS = {
+    "off": {},
+    "on": {"TIDINGS_PRESENCE_TOPICS": "room.*"},
+    "joins": {"TIDINGS_PRESENCE_TOPICS": "room.*", "TIDINGS_JOIN_LEAVE_TOPICS": "room.*"},
+}
+BASE_ENV = {
+    "TIDINGS_SECRET": SECRET,
+    "TIDINGS_API_KEY": API_KEY,
+    # One loopback address holds every client: no per-IP cap here.
+    "TIDINGS_MAX_CONNECTIONS_PER_IP": "1000000",
+    "TIDINGS_LOG_LEVEL": "WARNING",
+}
+
+
+class Clients:
+    """One presence.js process: `count` clients of one node, driven by stdin commands."""
+
+    def __init__(self, url: str, tokens: Path, first: int, count: int, topics: list[str]) -> None:
+        node = node_binary()
+        if node is None:
+            raise SystemExit("bench.presence needs Node.js (node) for its clients")
+        config = {"url": url, "tokens": str(tokens), "first": first, "count": count}
+        self.proc = Popen(
+            [node, str(PEERS / "presence.js"), json.dumps({**config, "topics": topics})],
+            stdin=PIPE,
+            stdout=PIPE,
+            text=True,
+        )
+
+    def read(self, event: str) -> dict[str, Any]:
+        """Wait for the next line of the process and check it is `event`."""
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("presence.js exited")
+        answer = json.loads(line)
+        if answer.get("event") != event:
+            raise RuntimeError(f"expected {event}, got {answer}")
+        return answer
+
+    def ready(self) -> None:
+        """Wait until every client is subscribed; fail if any could not."""
+        answer = self.read("ready")
+        if answer["failed"]:
+            raise RuntimeError(f"{answer['failed']} clients failed: {answer['errors']}")
+
+    def send(self, **command: Any) -> None:
+        """Send one command."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(command) + "\n")
+        self.proc.stdin.flush()
+
+    def close(self) -> None:
+        """Close the clients and end the process."""
+        if self.proc.poll() is None:
+            self.send(cmd="close")
+            self.proc.wait(timeout=30)
+
+
+def write_tokens(path: Path, subs: list[str]) -> Path:
+    """One token per line, for the clients."""
+    path.write_text("\n".join(token(sub, ["room.*"]) for sub in subs) + "\n")
+    return path
+
+
+@contextmanager
+def web_node(directory: Path, server: RedisServer, **env: str) -> Iterator[Stack]:
+    """A gunicorn node (web only: no listener needed) on `server`, stopped after."""
+    directory.mkdir(parents=True, exist_ok=True)
+    stack = Stack(server, directory, **BASE_ENV, **env)
+    try:
+        stack.start_web()
+        client = server.client()
+        wait_for(lambda: stack_subscribed(client), timeout=30)
+        client.close()
+        yield stack
+    finally:
+        stack.stop()
+
+
+def stack_subscribed(client: Any) -> bool:
+    """Tell whether a web worker hears the message queue (it answers subscribes then)."""
+    return int(dict(client.pubsub_numsub("tidings:socketio")).get(b"tidings:socketio", 0)) >= 1
+
+
+def worker_pid(stack: Stack) -> int:
+    """The pid of the node's one gunicorn worker."""
+    assert stack.web is not None
+    [child] = psutil.Process(stack.web.pid).children()
+    return child.pid
+
+
+def churn_cpu(directory: Path, args: argparse.Namespace) -> dict[str, list[float]]:
+    """CPU (% of a core) of each system's worker while its clients churn, per round."""
+    users = [f"user{i // TABS}" for i in range(args.clients)]
+    tokens = write_tokens(directory / "tokens", users)
+    cpu: dict[str, list[float]] = {name: [] for name in SYSTEMS}
+    with ExitStack() as stack:
+        nodes: dict[str, tuple[Stack, Clients, int]] = {}
+        for name, env in SYSTEMS.items():
+            server = RedisServer(directory / name / "redis")
+            server.start()
+            stack.callback(server.stop)
+            node = stack.enter_context(web_node(directory / name, server, **env))
+            clients = Clients(node.url, tokens, 0, args.clients, TOPICS)
+            stack.callback(clients.close)
+            clients.ready()
+            nodes[name] = (node, clients, worker_pid(node))
+        for _, clients, _ in nodes.values():  # warm-up, not counted
+            clients.send(cmd="churn", rate=args.rate, seconds=2, topics=TOPICS)
+            clients.read("churned")
+        order = list(SYSTEMS)
+        for round_ in range(args.rounds):
+            for name in order[round_ % len(order) :] + order[: round_ % len(order)]:
+                _, clients, pid = nodes[name]
+                before, started = cpu_seconds([pid]), time.monotonic()
+                clients.send(cmd="churn", rate=args.rate, seconds=args.seconds, topics=TOPICS)
+                answer = clients.read("churned")
+                used, elapsed = cpu_seconds([pid]) - before, time.monotonic() - started
+                if answer["refused"]:
+                    raise RuntimeError(f"{name}: {answer['refused']} moves refused")
+                cpu[name].append(100 * used / elapsed)
+                print(f"round {round_} {name}: {cpu[name][-1]:.1f}% CPU, {answer}")
+    return cpu
+
+
+def percentiles(samples: list[float]) -> tuple[float, float]:
+    """Return the median and the 99th percentile (nearest rank), in ms."""
+    ordered = sorted(samples)
+    return ordered[len(ordered) // 2] * 1000, ordered[int(0.99 * (len(ordered) - 1))] * 1000
+
+
+def timed(call: Any, times: int) -> list[float]:
+    """Call `call` `times` times, one after the other; return each one's seconds."""
+    spent = []
+    for _ in range(times):
+        started = time.perf_counter()
+        call()
+        spent.append(time.perf_counter() - started)
+    return spent
+
+
+def read_latency(directory: Path, args: argparse.Namespace) -> dict[str, tuple[float, float]]:
+    """Latency of presence reads with `--members` users over two nodes."""
+    subs = [f"member{i}" for i in range(args.members)]
+    tokens = write_tokens(directory / "member-tokens", subs)
+    server = RedisServer(directory / "reads" / "redis")
+    server.start()
+    topic = "room.big"
+    # Presence reads share the subscribe rate (20/s by default): the caller asks faster.
+    env = {"TIDINGS_PRESENCE_TOPICS": "room.*", "TIDINGS_SUBSCRIBE_RATE": "100000"}
+    with ExitStack() as stack:
+        stack.callback(server.stop)
+        a = stack.enter_context(web_node(directory / "reads" / "a", server, **env))
+        b = stack.enter_context(web_node(directory / "reads" / "b", server, **env))
+        half = args.members // 2
+        groups = [(a, 0, half), (b, half, args.members - half)]
+        for node, first, count in groups:
+            clients = Clients(node.url, tokens, first, count, [topic])
+            stack.callback(clients.close)
+            clients.ready()
+        caller = socketio.Client()
+        caller.connect(a.url, auth={"token": token("caller", ["room.*"])}, transports=["websocket"])
+        stack.callback(caller.disconnect)
+
+        def stats() -> dict[str, Any]:
+            answer = caller.call("presence_stats", {"topic": topic}, timeout=10)
+            assert answer["ok"], answer
+            return answer
+
+        wait_for(lambda: stats()["users"] == args.members, timeout=60, interval=0.5)
+        session = requests.Session()
+        session.headers["Authorization"] = f"Bearer {API_KEY}"
+        url = f"{b.url}/api/presence/{topic}/stats"
+        timed(stats, 50)  # warm-up
+        result = {"presence_stats": percentiles(timed(stats, args.calls))}
+
+        def members() -> None:
+            answer = caller.call("presence", {"topic": topic}, timeout=30)
+            assert answer["ok"] and len(answer["users"]) == args.members, answer.get("error")
+
+        result["presence"] = percentiles(timed(members, max(args.calls // 5, 10)))
+
+        def over_http() -> None:
+            assert session.get(url, timeout=10).json()["users"] == args.members
+
+        result["http_stats"] = percentiles(timed(over_http, args.calls))
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=1000)
+    parser.add_argument("--rate", type=float, default=50, help="joins per second")
+    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--members", type=int, default=10_000)
+    parser.add_argument("--calls", type=int, default=1000)
+    parser.add_argument("--no-record", action="store_true", help="do not write RESULTS.md")
+    args = parser.parse_args()
+    directory = Path(tempfile.mkdtemp(prefix="tidings-presence-"))
+    cpu = churn_cpu(directory, args)
+    reads = read_latency(directory, args)
+    off, on, joins = (statistics.median(cpu[name]) for name in ("off", "on", "joins"))
+
+    def runs(name: str) -> str:
+        return "[" + ", ".join(f"{v:.1f}" for v in cpu[name]) + "]"
+
+    def ms(name: str) -> str:
+        p50, p99 = reads[name]
+        return f"p50 {p50:.2f} ms, p99 {p99:.2f} ms"
+
+    result = (
+        f"{args.clients} clients ({args.clients // TABS} users x {TABS} tabs) on 50 topics,"
+        f" {args.rate:g} joins/s (and as many leaves) for {args.seconds:g} s, {args.rounds}"
+        f" rounds: web worker CPU, median, presence off {off:.1f}%, on {on:.1f}%"
+        f" (**{on / off:.2f}x**), on with join/leave events {joins:.1f}% ({joins / off:.2f}x)"
+        f" (runs off {runs('off')}, on {runs('on')}, joins {runs('joins')});"
+        f" {args.members} members over 2 nodes: `presence_stats` {ms('presence_stats')}"
+        f" (**p99 {reads['presence_stats'][1]:.2f} ms**), `presence` (full list)"
+        f" {ms('presence')}, HTTP stats {ms('http_stats')}"
+    )
+    separate_result("presence", result, record=not args.no_record)
+
+
+if __name__ == "__main__":
+    main()
