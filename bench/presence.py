@@ -18,6 +18,10 @@ Socket.IO client calls `presence_stats` `--calls` times and `presence` a
 fifth as often, one after the other, and the HTTP route as often; the
 latency is the round trip as the caller sees it.
 
+`--baseline COMMIT` adds a fourth node running that commit's code (exported
+with `git archive`), e.g. the commit before presence, to show what the
+hooks cost with presence off.
+
 Needs Node.js (bench/peers/presence.js holds the clients).
 """
 
@@ -25,7 +29,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -42,7 +48,7 @@ from bench.measure import cpu_seconds
 from bench.report import separate_result
 from bench.systems import PEERS, node_binary
 from tests.presence_support import API_KEY, SECRET, token
-from tests.support import RedisServer, Stack, wait_for
+from tests.support import ROOT, VENV_BIN, Proc, RedisServer, Stack, wait_for
 
 TOPICS = [f"room.{i}" for i in range(50)]
 TABS = 4
@@ -111,11 +117,44 @@ def write_tokens(path: Path, subs: list[str]) -> Path:
     return path
 
 
+class ExportedStack(Stack):
+    """A Stack whose web tier runs the code exported in `source` (another commit)."""
+
+    def __init__(self, server: RedisServer, directory: Path, source: Path, **env: str) -> None:
+        super().__init__(server, directory, **env)
+        self.source = source
+
+    def start_web(self, wait: bool = True, **env: str) -> Proc:
+        """Start gunicorn in the exported tree."""
+        gunicorn = shlex.quote(str(VENV_BIN / "gunicorn"))
+        command = f"cd {shlex.quote(str(self.source))} && exec {gunicorn} -c gunicorn.conf.py"
+        log = self.directory / "web.log"
+        self.web = Proc("web", ["sh", "-c", command], {**self.env, **env}, log)
+        if wait:
+            wait_for(self.serves, timeout=30)
+        return self.web
+
+
+def export(commit: str, directory: Path) -> Path:
+    """Export a commit's tree into `directory`."""
+    directory.mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "archive", commit], cwd=ROOT, capture_output=True, check=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(directory)], input=archive, check=True)
+    return directory
+
+
 @contextmanager
-def web_node(directory: Path, server: RedisServer, **env: str) -> Iterator[Stack]:
+def web_node(
+    directory: Path, server: RedisServer, source: Path | None = None, **env: str
+) -> Iterator[Stack]:
     """A gunicorn node (web only: no listener needed) on `server`, stopped after."""
     directory.mkdir(parents=True, exist_ok=True)
-    stack = Stack(server, directory, **BASE_ENV, **env)
+    if source is None:
+        stack = Stack(server, directory, **BASE_ENV, **env)
+    else:
+        stack = ExportedStack(server, directory, source, **BASE_ENV, **env)
     try:
         stack.start_web()
         client = server.client()
@@ -142,14 +181,20 @@ def churn_cpu(directory: Path, args: argparse.Namespace) -> dict[str, list[float
     """CPU (% of a core) of each system's worker while its clients churn, per round."""
     users = [f"user{i // TABS}" for i in range(args.clients)]
     tokens = write_tokens(directory / "tokens", users)
-    cpu: dict[str, list[float]] = {name: [] for name in SYSTEMS}
+    systems: dict[str, dict[str, str]] = dict(SYSTEMS)
+    source = None
+    if args.baseline:
+        systems = {"base": {}, **systems}
+        source = export(args.baseline, directory / "base-src")
+    cpu: dict[str, list[float]] = {name: [] for name in systems}
     with ExitStack() as stack:
         nodes: dict[str, tuple[Stack, Clients, int]] = {}
-        for name, env in SYSTEMS.items():
+        for name, env in systems.items():
             server = RedisServer(directory / name / "redis")
             server.start()
             stack.callback(server.stop)
-            node = stack.enter_context(web_node(directory / name, server, **env))
+            exported = source if name == "base" else None
+            node = stack.enter_context(web_node(directory / name, server, exported, **env))
             clients = Clients(node.url, tokens, 0, args.clients, TOPICS)
             stack.callback(clients.close)
             clients.ready()
@@ -157,7 +202,7 @@ def churn_cpu(directory: Path, args: argparse.Namespace) -> dict[str, list[float
         for _, clients, _ in nodes.values():  # warm-up, not counted
             clients.send(cmd="churn", rate=args.rate, seconds=2, topics=TOPICS)
             clients.read("churned")
-        order = list(SYSTEMS)
+        order = list(systems)
         for round_ in range(args.rounds):
             for name in order[round_ % len(order) :] + order[: round_ % len(order)]:
                 _, clients, pid = nodes[name]
@@ -244,6 +289,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--members", type=int, default=10_000)
     parser.add_argument("--calls", type=int, default=1000)
+    parser.add_argument("--baseline", default=None, help="also a node running this commit")
     parser.add_argument("--no-record", action="store_true", help="do not write RESULTS.md")
     args = parser.parse_args()
     directory = Path(tempfile.mkdtemp(prefix="tidings-presence-"))
@@ -263,7 +309,14 @@ def main() -> None:
         f" {args.rate:g} joins/s (and as many leaves) for {args.seconds:g} s, {args.rounds}"
         f" rounds: web worker CPU, median, presence off {off:.1f}%, on {on:.1f}%"
         f" (**{on / off:.2f}x**), on with join/leave events {joins:.1f}% ({joins / off:.2f}x)"
-        f" (runs off {runs('off')}, on {runs('on')}, joins {runs('joins')});"
+        f" (runs off {runs('off')}, on {runs('on')}, joins {runs('joins')})"
+        + (
+            f"; {args.baseline[:7]} (before presence) {statistics.median(cpu['base']):.1f}%"
+            f" {runs('base')}"
+            if args.baseline
+            else ""
+        )
+        + ";"
         f" {args.members} members over 2 nodes: `presence_stats` {ms('presence_stats')}"
         f" (**p99 {reads['presence_stats'][1]:.2f} ms**), `presence` (full list)"
         f" {ms('presence')}, HTTP stats {ms('http_stats')}"
