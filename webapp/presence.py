@@ -55,6 +55,10 @@ HEARTBEAT_SECONDS = 1.0
 SYNC_SECONDS = 60.0
 
 
+# topic -> [("joins" | "leaves", {"topic", "sub", "client"}), ...], in order
+Events = dict[str, list[tuple[str, dict[str, Any]]]]
+
+
 def _error(error: str) -> dict[str, Any]:
     return {"ok": False, "error": error}
 
@@ -96,20 +100,24 @@ class Presence:
         if cap is None or grant.sub is None:
             self.local.connect(sid, grant.sub, **record)
             return
-        with self._redis_lock:
-            try:
+        events: Events = {}
+        try:
+            with self._redis_lock:
                 verdict = self.cluster.admit(self.node, grant.sub, cap)
                 if verdict < 0:  # this node is not registered yet (or was reaped)
-                    self._flush_locked(sync=True)
+                    self._flush_locked(True, events)
                     verdict = self.cluster.admit(self.node, grant.sub, cap)
-            except redis.RedisError as exc:
-                log.warning("refused a connection: Redis unavailable for the user cap (%s)", exc)
-                raise socketio.exceptions.ConnectionRefusedError("unavailable") from None
-            if verdict <= 0:
-                log.info("refused a connection: sub=%s has %d connections already", grant.sub, cap)
-                metrics.limit_hit("connections_per_user")
-                raise socketio.exceptions.ConnectionRefusedError("limit")
-            self.local.connect(sid, grant.sub, counted=True, **record)
+                if verdict > 0:
+                    self.local.connect(sid, grant.sub, counted=True, **record)
+        except redis.RedisError as exc:
+            log.warning("refused a connection: Redis unavailable for the user cap (%s)", exc)
+            raise socketio.exceptions.ConnectionRefusedError("unavailable") from None
+        finally:
+            self._emit(events)
+        if verdict <= 0:
+            log.info("refused a connection: sub=%s has %d connections already", grant.sub, cap)
+            metrics.limit_hit("connections_per_user")
+            raise socketio.exceptions.ConnectionRefusedError("limit")
 
     def refreshed(self, sid: str, grant: Grant) -> bool:
         """Record a connection's new token; False (refuse it) when it is revoked."""
@@ -143,48 +151,54 @@ class Presence:
             "topics": str(topics),
         }
 
-    def _flush_locked(self, sync: bool) -> tuple[Flushed, Batch]:
-        """Flush with `_redis_lock` held; raise redis errors (the next flush syncs)."""
+    def _take(self, sync: bool, events: Events) -> Batch:
+        """Take the deltas (or the whole share), moving their join/leave events to `events`."""
         batch = self.local.snapshot() if sync else self.local.take()
+        for topic, items in batch.events.items():
+            events.setdefault(topic, []).extend(items)
+        return batch
+
+    def _flush_locked(self, sync: bool, events: Events) -> Flushed:
+        """Flush with `_redis_lock` held; raise redis errors (the next flush syncs)."""
+        batch = self._take(sync, events)
         try:
             flushed = self.cluster.flush(self.node, batch, sync=sync, facts=self._facts())
             if not flushed.known:
                 # Reaped while alive (paused), or Redis lost our keys: send everything.
-                again = self.local.snapshot()
-                for topic, events in again.events.items():
-                    batch.events.setdefault(topic, []).extend(events)
+                again = self._take(True, events)
                 flushed = self.cluster.flush(self.node, again, sync=True, facts=self._facts())
                 sync = True
         except redis.RedisError:
             # The script may or may not have run: only a whole share is safe now.
             self._need_sync = True
-            self._emit(batch.events)
             raise
         now = time.monotonic()
         self._last_beat = now
         if sync:
             self._need_sync = False
             self._last_sync = now
-        return flushed, batch
+        return flushed
 
     def flush(self, sync: bool = False) -> None:
         """Send this node's deltas (or whole share), beat, then send joins and leaves."""
-        with self._redis_lock:
-            try:
-                flushed, batch = self._flush_locked(sync or self._need_sync)
-            except redis.RedisError as exc:
-                if not self._down:
-                    log.warning("presence: Redis unavailable (%s); will sync when it is back", exc)
-                    self._down = True
-                return
+        events: Events = {}
+        try:
+            with self._redis_lock:
+                flushed = self._flush_locked(sync or self._need_sync, events)
+        except redis.RedisError as exc:
+            if not self._down:
+                log.warning("presence: Redis unavailable (%s); will sync when it is back", exc)
+                self._down = True
+            return
+        finally:
+            self._emit(events)  # they happened, whatever Redis says
         if self._down:
             log.info("presence: Redis is back; this node's share is synced")
             self._down = False
-        self._emit(batch.events)
         if flushed.revocations_version != self.revocations.version:
             self.reload_revocations()
 
-    def _emit(self, events: dict[str, list[tuple[str, dict[str, Any]]]]) -> None:
+    def _emit(self, events: Events) -> None:
         for topic, items in events.items():
             run: list[dict[str, Any]] = []
             kind = None

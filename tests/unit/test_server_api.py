@@ -240,3 +240,50 @@ def test_flask_token_carries_iat_and_jti_and_no_longer_than_revocations_last(app
     ttl = app.extensions["tidings.settings"].revocation_ttl
     too_long = runner.invoke(args=["token", "--sub", "a", "--topic", "x", "--ttl", str(ttl + 1)])
     assert too_long.exit_code == 2 and "TIDINGS_REVOCATION_TTL" in too_long.output
+
+
+def test_the_per_user_cap_registers_the_node_first_and_frees_slots_on_flush(
+    redis_client: redis.Redis, redis_server
+) -> None:
+    settings = Settings.from_env(
+        {
+            "TIDINGS_REDIS_URL": redis_server.url(0),
+            "TIDINGS_SECRET": SECRET,
+            "TIDINGS_MAX_CONNECTIONS_PER_USER": "1",
+        }
+    )
+    capped = create_app({"SETTINGS": settings, "QUEUE": False})
+    first = connect(capped, "alice")  # the node was not registered: it syncs, then admits
+    assert first.is_connected()
+    assert not connect(capped, "alice").is_connected()
+    assert connect(capped, "bob").is_connected()
+    first.disconnect()
+    assert not connect(capped, "alice").is_connected()  # not flushed yet
+    capped.extensions["tidings.presence"].flush()
+    assert connect(capped, "alice").is_connected()
+    assert redis_client.hget("tidings:users", "alice") == b"1"
+
+
+def test_joins_and_leaves_go_to_the_topics_subscribers_in_order(redis_server) -> None:
+    settings = Settings.from_env(
+        {
+            "TIDINGS_REDIS_URL": redis_server.url(0),
+            "TIDINGS_SECRET": SECRET,
+            "TIDINGS_PRESENCE_TOPICS": "room.*",
+            "TIDINGS_JOIN_LEAVE_TOPICS": "room.*",
+        }
+    )
+    app = create_app({"SETTINGS": settings, "QUEUE": False})
+    presence = app.extensions["tidings.presence"]
+    watcher, alice, other_room = (connect(app, sub, ["room.*"]) for sub in ("w", "alice", "x"))
+    watcher.emit("subscribe", {"topic": "room.1"}, callback=True)
+    presence.flush()
+    watcher.get_received()
+    alice.emit("subscribe", {"topic": "room.1"}, callback=True)
+    alice.emit("unsubscribe", {"topic": "room.1"}, callback=True)
+    alice.emit("subscribe", {"topic": "room.1"}, callback=True)
+    other_room.emit("subscribe", {"topic": "room.2"}, callback=True)
+    presence.flush()
+    got = [(m["name"], [i["sub"] for i in m["args"][0]]) for m in watcher.get_received()]
+    assert got == [("joins", ["alice"]), ("leaves", ["alice"]), ("joins", ["alice"])]
+    assert [m["name"] for m in other_room.get_received()] == ["joins"]  # its own join only
