@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -114,19 +115,25 @@ def presence(
     topic: str, *, client: redis.Redis | None = None, settings: Settings | None = None
 ) -> dict[str, Any]:
     """Return who is subscribed to a presence topic: `{"topic", "clients", "users"}`."""
-    client, settings = _defaults(client, settings)
-    checked = _presence_topic(topic, settings)
-    clients, users = _cluster(client, settings).members(checked)
-    return {"topic": checked, "clients": clients, "users": users}
+    return _presence_read(topic, client, settings, Cluster.members)
 
 
 def presence_stats(
     topic: str, *, client: redis.Redis | None = None, settings: Settings | None = None
 ) -> dict[str, Any]:
     """Return how many connections and users a presence topic has (`users` is a count)."""
+    return _presence_read(topic, client, settings, Cluster.stats)
+
+
+def _presence_read(
+    topic: str,
+    client: redis.Redis | None,
+    settings: Settings | None,
+    read: Callable[[Cluster, str], tuple[int, Any]],
+) -> dict[str, Any]:
     client, settings = _defaults(client, settings)
     checked = _presence_topic(topic, settings)
-    clients, users = _cluster(client, settings).stats(checked)
+    clients, users = read(_cluster(client, settings), checked)
     return {"topic": checked, "clients": clients, "users": users}
 
 
