@@ -34,6 +34,7 @@ from flask import Flask
 
 from tidings import metrics, revocation
 from tidings.cluster import Cluster, Flushed
+from tidings.connection import connect
 from tidings.keys import room
 from tidings.presence import Batch, LocalPresence
 from tidings.revocation import Revocations
@@ -346,5 +347,8 @@ def init_app(app: Flask) -> None:
         return
     presence.reload_revocations()
     extensions.socketio.start_background_task(presence.run, lambda: manager.closed)
-    listener = control.ControlListener(presence.client, presence, closed=lambda: manager.closed)
+    # A connection of its own, named tidings:web-control:<host>:<pid> in CLIENT
+    # LIST, so that the message queue's stays the web worker's one subscriber.
+    client = connect(presence.settings.redis_url, "web-control", max_connections=4)
+    listener = control.ControlListener(client, presence, closed=lambda: manager.closed)
     extensions.socketio.start_background_task(listener.run)
