@@ -81,6 +81,7 @@ def test_a_dead_node_is_reaped_by_the_next_reader(redis_client: redis.Redis) -> 
     cluster.stats("room.1")
     assert cluster.stats("room.1") == (2, 2)  # not dead yet: nothing reaped
     kill(redis_client, "dead")
+    redis_client.script_flush()  # as a restarted Redis: the scripts are loaded again
     assert cluster.members("room.1") == (1, [{"sub": "alice", "clients": 1}])
     assert cluster.topics() == {"room.1": 1}
     assert [n["node"] for n in cluster.nodes()] == ["live"]
