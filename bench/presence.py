@@ -1,7 +1,8 @@
 """What presence costs: CPU of churn with presence on and off; read latency at 10,000 members.
 
-    .venv/bin/python -m bench.presence [--clients 1000] [--rate 50] [--seconds 20] [--rounds 5]
-                                       [--members 10000] [--calls 1000] [--no-record]
+    .venv/bin/python -m bench.presence [--part all|churn|reads] [--clients 1000] [--rate 50]
+        [--seconds 20] [--rounds 5] [--members 10000] [--calls 1000] [--baseline COMMIT]
+        [--no-record]
 
 Churn: three web nodes (one gunicorn worker each, a Redis each), the same
 but for TIDINGS_PRESENCE_TOPICS: off, on, and on with join/leave events.
@@ -45,7 +46,7 @@ import requests
 import socketio
 
 from bench.measure import cpu_seconds
-from bench.report import separate_result
+from bench.report import RESULTS, record_separate
 from bench.systems import PEERS, node_binary
 from tests.presence_support import API_KEY, SECRET, token
 from tests.support import ROOT, VENV_BIN, Proc, RedisServer, Stack, wait_for
@@ -281,8 +282,45 @@ def read_latency(directory: Path, args: argparse.Namespace) -> dict[str, tuple[f
     return result
 
 
+def churn_result(cpu: dict[str, list[float]], args: argparse.Namespace) -> str:
+    """The churn measurement's line."""
+    off, on, joins = (statistics.median(cpu[name]) for name in ("off", "on", "joins"))
+
+    def runs(name: str) -> str:
+        return "[" + ", ".join(f"{v:.1f}" for v in cpu[name]) + "]"
+
+    baseline = ""
+    if args.baseline:
+        base = statistics.median(cpu["base"])
+        baseline = f"; {args.baseline[:7]} (before presence) {base:.1f}% {runs('base')}"
+    return (
+        f"{args.clients} clients ({args.clients // TABS} users x {TABS} tabs) on 50 topics,"
+        f" {args.rate:g} joins/s (and as many leaves) for {args.seconds:g} s, {args.rounds}"
+        f" rounds: web worker CPU, median, presence off {off:.1f}%, on {on:.1f}%"
+        f" (**{on / off:.2f}x**), on with join/leave events {joins:.1f}% ({joins / off:.2f}x)"
+        f" (runs off {runs('off')}, on {runs('on')}, joins {runs('joins')}){baseline}"
+    )
+
+
+def reads_result(reads: dict[str, tuple[float, float]], args: argparse.Namespace) -> str:
+    """The read-latency measurement's line."""
+
+    def ms(name: str) -> str:
+        p50, p99 = reads[name]
+        return f"p50 {p50:.2f} ms, p99 {p99:.2f} ms"
+
+    return (
+        f"{args.members} members over 2 nodes, calls one after the other from a Socket.IO"
+        f" client: `presence_stats` {ms('presence_stats')} (**p99"
+        f" {reads['presence_stats'][1]:.2f} ms**, {args.calls} calls), `presence` (the full"
+        f" list) {ms('presence')} ({max(args.calls // 5, 10)} calls), HTTP"
+        f" `/api/presence/<topic>/stats` {ms('http_stats')}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=("all", "churn", "reads"), default="all")
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--rate", type=float, default=50, help="joins per second")
     parser.add_argument("--seconds", type=float, default=20)
@@ -293,35 +331,17 @@ def main() -> None:
     parser.add_argument("--no-record", action="store_true", help="do not write RESULTS.md")
     args = parser.parse_args()
     directory = Path(tempfile.mkdtemp(prefix="tidings-presence-"))
-    cpu = churn_cpu(directory, args)
-    reads = read_latency(directory, args)
-    off, on, joins = (statistics.median(cpu[name]) for name in ("off", "on", "joins"))
-
-    def runs(name: str) -> str:
-        return "[" + ", ".join(f"{v:.1f}" for v in cpu[name]) + "]"
-
-    def ms(name: str) -> str:
-        p50, p99 = reads[name]
-        return f"p50 {p50:.2f} ms, p99 {p99:.2f} ms"
-
-    result = (
-        f"{args.clients} clients ({args.clients // TABS} users x {TABS} tabs) on 50 topics,"
-        f" {args.rate:g} joins/s (and as many leaves) for {args.seconds:g} s, {args.rounds}"
-        f" rounds: web worker CPU, median, presence off {off:.1f}%, on {on:.1f}%"
-        f" (**{on / off:.2f}x**), on with join/leave events {joins:.1f}% ({joins / off:.2f}x)"
-        f" (runs off {runs('off')}, on {runs('on')}, joins {runs('joins')})"
-        + (
-            f"; {args.baseline[:7]} (before presence) {statistics.median(cpu['base']):.1f}%"
-            f" {runs('base')}"
-            if args.baseline
-            else ""
-        )
-        + ";"
-        f" {args.members} members over 2 nodes: `presence_stats` {ms('presence_stats')}"
-        f" (**p99 {reads['presence_stats'][1]:.2f} ms**), `presence` (full list)"
-        f" {ms('presence')}, HTTP stats {ms('http_stats')}"
-    )
-    separate_result("presence", result, record=not args.no_record)
+    # Two lines in RESULTS.md, each with the load average of its own run.
+    if args.part in ("all", "churn"):
+        result = churn_result(churn_cpu(directory, args), args)
+        print(result)
+        if not args.no_record:
+            record_separate(RESULTS, "presence churn", "python -m bench.presence", result)
+    if args.part in ("all", "reads"):
+        result = reads_result(read_latency(directory, args), args)
+        print(result)
+        if not args.no_record:
+            record_separate(RESULTS, "presence reads", "python -m bench.presence", result)
 
 
 if __name__ == "__main__":
