@@ -13,11 +13,12 @@ and joins another: one join and one leave), and the web worker's CPU
 seconds over that window are read with psutil. Rounds alternate the order;
 medians.
 
-Reads: two web nodes on one Redis, `--members` clients (5,000 per node with
-the default), each a user of its own, on one presence topic; then a
-Socket.IO client calls `presence_stats` `--calls` times and `presence` a
-fifth as often, one after the other, and the HTTP route as often; the
-latency is the round trip as the caller sees it.
+Reads: three web nodes on one Redis, `--members` clients (5,000 on each of
+the first two with the default), each a user of its own, on one presence
+topic; then a Socket.IO client on a member node, and one on the third node,
+each call `presence_stats` `--calls` times and `presence` a tenth as often,
+one after the other, and the HTTP route is asked as often; the latency is
+the round trip as the caller sees it.
 
 `--baseline COMMIT` adds a fourth node running that commit's code (exported
 with `git archive`), e.g. the commit before presence, to show what the
@@ -235,45 +236,53 @@ def timed(call: Any, times: int) -> list[float]:
 
 
 def read_latency(directory: Path, args: argparse.Namespace) -> dict[str, tuple[float, float]]:
-    """Latency of presence reads with `--members` users over two nodes."""
+    """Latency of presence reads with `--members` users over two nodes.
+
+    Asked from a member node (a, which also serves half the members and
+    their pings) and from a third node (c) without members, which shows
+    the cost of the read apart from a busy node's own delays.
+    """
     subs = [f"member{i}" for i in range(args.members)]
     tokens = write_tokens(directory / "member-tokens", subs)
     server = RedisServer(directory / "reads" / "redis")
     server.start()
     topic = "room.big"
-    # Presence reads share the subscribe rate (20/s by default): the caller asks faster.
+    # Presence reads share the subscribe rate (20/s by default): the callers ask faster.
     env = {"TIDINGS_PRESENCE_TOPICS": "room.*", "TIDINGS_SUBSCRIBE_RATE": "100000"}
+    result = {}
     with ExitStack() as stack:
         stack.callback(server.stop)
-        a = stack.enter_context(web_node(directory / "reads" / "a", server, **env))
-        b = stack.enter_context(web_node(directory / "reads" / "b", server, **env))
+        nodes = {
+            name: stack.enter_context(web_node(directory / "reads" / name, server, **env))
+            for name in ("a", "b", "c")
+        }
         half = args.members // 2
-        groups = [(a, 0, half), (b, half, args.members - half)]
-        for node, first, count in groups:
+        for node, first, count in ((nodes["a"], 0, half), (nodes["b"], half, args.members - half)):
             clients = Clients(node.url, tokens, first, count, [topic])
             stack.callback(clients.close)
             clients.ready()
-        caller = socketio.Client()
-        caller.connect(a.url, auth={"token": token("caller", ["room.*"])}, transports=["websocket"])
-        stack.callback(caller.disconnect)
+        for name in ("a", "c"):
+            caller = socketio.Client()
+            auth = {"token": token(f"caller-{name}", ["room.*"])}
+            caller.connect(nodes[name].url, auth=auth, transports=["websocket"])
+            stack.callback(caller.disconnect)
 
-        def stats() -> dict[str, Any]:
-            answer = caller.call("presence_stats", {"topic": topic}, timeout=10)
-            assert answer["ok"], answer
-            return answer
+            def stats(caller: socketio.Client = caller) -> dict[str, Any]:
+                answer = caller.call("presence_stats", {"topic": topic}, timeout=10)
+                assert answer["ok"], answer
+                return answer
 
-        wait_for(lambda: stats()["users"] == args.members, timeout=60, interval=0.5)
+            def members(caller: socketio.Client = caller) -> None:
+                answer = caller.call("presence", {"topic": topic}, timeout=30)
+                assert answer["ok"] and len(answer["users"]) == args.members, answer.get("error")
+
+            wait_for(lambda: stats()["users"] == args.members, timeout=60, interval=0.5)
+            timed(stats, 50)  # warm-up
+            result[f"presence_stats_{name}"] = percentiles(timed(stats, args.calls))
+            result[f"presence_{name}"] = percentiles(timed(members, max(args.calls // 10, 10)))
         session = requests.Session()
         session.headers["Authorization"] = f"Bearer {API_KEY}"
-        url = f"{b.url}/api/presence/{topic}/stats"
-        timed(stats, 50)  # warm-up
-        result = {"presence_stats": percentiles(timed(stats, args.calls))}
-
-        def members() -> None:
-            answer = caller.call("presence", {"topic": topic}, timeout=30)
-            assert answer["ok"] and len(answer["users"]) == args.members, answer.get("error")
-
-        result["presence"] = percentiles(timed(members, max(args.calls // 5, 10)))
+        url = f"{nodes['c'].url}/api/presence/{topic}/stats"
 
         def over_http() -> None:
             assert session.get(url, timeout=10).json()["users"] == args.members
@@ -309,12 +318,14 @@ def reads_result(reads: dict[str, tuple[float, float]], args: argparse.Namespace
         p50, p99 = reads[name]
         return f"p50 {p50:.2f} ms, p99 {p99:.2f} ms"
 
+    full = max(args.calls // 10, 10)
     return (
         f"{args.members} members over 2 nodes, calls one after the other from a Socket.IO"
-        f" client: `presence_stats` {ms('presence_stats')} (**p99"
-        f" {reads['presence_stats'][1]:.2f} ms**, {args.calls} calls), `presence` (the full"
-        f" list) {ms('presence')} ({max(args.calls // 5, 10)} calls), HTTP"
-        f" `/api/presence/<topic>/stats` {ms('http_stats')}"
+        f" client on a member node / on a third node: `presence_stats` ({args.calls} calls)"
+        f" {ms('presence_stats_a')} / {ms('presence_stats_c')} (**p99"
+        f" {reads['presence_stats_a'][1]:.2f} / {reads['presence_stats_c'][1]:.2f} ms**),"
+        f" `presence`, the full list ({full} calls), {ms('presence_a')} / {ms('presence_c')};"
+        f" HTTP `/api/presence/<topic>/stats` on the third node {ms('http_stats')}"
     )
 
 
