@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import statistics
 import subprocess
@@ -344,14 +345,18 @@ def main() -> None:
     parser.add_argument("--no-record", action="store_true", help="do not write RESULTS.md")
     args = parser.parse_args()
     directory = Path(tempfile.mkdtemp(prefix="tidings-presence-"))
-    # Two lines in RESULTS.md, each with the load average of its own run.
+    # Two lines in RESULTS.md, each with the load average of its own run: at
+    # its end (record_separate, this run's own processes included) and here
+    # at its start (the machine's other work).
     if args.part in ("all", "churn"):
-        result = churn_result(churn_cpu(directory, args), args)
+        load = os.getloadavg()[0]
+        result = churn_result(churn_cpu(directory, args), args) + f"; load at start {load:.2f}"
         print(result)
         if not args.no_record:
             record_separate(RESULTS, "presence churn", "python -m bench.presence", result)
     if args.part in ("all", "reads"):
-        result = reads_result(read_latency(directory, args), args)
+        load = os.getloadavg()[0]
+        result = reads_result(read_latency(directory, args), args) + f"; load at start {load:.2f}"
         print(result)
         if not args.no_record:
             record_separate(RESULTS, "presence reads", "python -m bench.presence", result)
