@@ -348,18 +348,18 @@ def main() -> None:
     # Two lines in RESULTS.md, each with the load average of its own run: at
     # its end (record_separate, this run's own processes included) and here
     # at its start (the machine's other work).
-    if args.part in ("all", "churn"):
+    parts = {
+        "churn": (churn_cpu, churn_result),
+        "reads": (read_latency, reads_result),
+    }
+    for part, (measure, describe) in parts.items():
+        if args.part not in ("all", part):
+            continue
         load = os.getloadavg()[0]
-        result = churn_result(churn_cpu(directory, args), args) + f"; load at start {load:.2f}"
+        result = describe(measure(directory, args), args) + f"; load at start {load:.2f}"
         print(result)
         if not args.no_record:
-            record_separate(RESULTS, "presence churn", "python -m bench.presence", result)
-    if args.part in ("all", "reads"):
-        load = os.getloadavg()[0]
-        result = reads_result(read_latency(directory, args), args) + f"; load at start {load:.2f}"
-        print(result)
-        if not args.no_record:
-            record_separate(RESULTS, "presence reads", "python -m bench.presence", result)
+            record_separate(RESULTS, f"presence {part}", "python -m bench.presence", result)
 
 
 if __name__ == "__main__":
