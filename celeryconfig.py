@@ -21,13 +21,19 @@ broker_connection_retry_on_startup = True
 broker_connection_max_retries = None
 
 # The listener gets a queue of its own so it never waits behind application
-# tasks, and application tasks keep the default queue.
+# tasks, and application tasks keep the default queue. Webhook delivery has
+# its own too: short tasks (a few seconds at most) that neither wait behind
+# the listener nor make application tasks wait long.
 task_queues = {
     "celery": {"routing_key": "celery"},
     "tidings.listener": {"routing_key": "tidings.listener"},
+    "tidings.webhooks": {"routing_key": "tidings.webhooks"},
 }
 task_default_queue = "celery"
-task_routes = {"tidings.listener": {"queue": "tidings.listener"}}
+task_routes = {
+    "tidings.listener": {"queue": "tidings.listener"},
+    "tidings.webhooks.deliver": {"queue": "tidings.webhooks"},
+}
 
 # Prefetch one message per process: a worker busy with the listener must not
 # sit on queued tasks that an idle worker could run.

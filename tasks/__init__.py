@@ -5,6 +5,6 @@ from celery import Celery
 app = Celery("tasks")
 app.config_from_object("celeryconfig")
 
-from tasks import demo, listener  # noqa: E402  (registers the tasks and the bootstep)
+from tasks import demo, listener, webhooks  # noqa: E402  (registers the tasks and bootsteps)
 
-__all__ = ["app", "demo", "listener"]
+__all__ = ["app", "demo", "listener", "webhooks"]

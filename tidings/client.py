@@ -72,6 +72,7 @@ class TidingsClient:
         reconnection_delay: float = 0.2,
         ack_timeout: float = 10,
         on_raw: Handler | None = None,
+        on_unsubscribed: Callable[[str], None] | None = None,
         **client_options: Any,
     ) -> None:
         self.url = url
@@ -79,6 +80,8 @@ class TidingsClient:
         self.on_gap = on_gap or (lambda topic: None)
         # Every publication as it arrives, before de-duplication (tests count these).
         self.on_raw = on_raw or (lambda pub: None)
+        # The server unsubscribed this client from a topic (POST /api/unsubscribe).
+        self.on_unsubscribed = on_unsubscribed or (lambda topic: None)
         self.token = token
         self.transports = transports or ["websocket"]
         self.ack_timeout = ack_timeout
@@ -109,6 +112,7 @@ class TidingsClient:
         self.sio.on("connect", self._on_connect)
         self.sio.on("disconnect", self._on_disconnect)
         self.sio.on("publications", self._on_publications)
+        self.sio.on("unsubscribed", self._on_unsubscribed)
 
     # -- public --------------------------------------------------------------
 
@@ -251,6 +255,14 @@ class TidingsClient:
         pair = parse_offset(offset)
         if pair is not None and (state.last is None or pair > state.last):
             state.last, state.last_offset = pair, offset
+
+    def _on_unsubscribed(self, info: Any) -> None:
+        """Forget a topic the server ended, so that no reconnect subscribes to it again."""
+        topic = info.get("topic") if isinstance(info, dict) else None
+        with self._lock:
+            if self._topics.pop(topic, None) is None:  # type: ignore[arg-type]
+                return
+        self.on_unsubscribed(topic)  # type: ignore[arg-type]
 
     def _on_publications(self, publications: Any) -> None:
         if not isinstance(publications, list):

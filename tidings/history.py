@@ -102,3 +102,9 @@ def recover_many(
 def _recovered(topic: str, latest: str | None, entries: list) -> Recovery:
     publications = [_publication(topic, entry_id, fields) for entry_id, fields in entries]
     return Recovery(offset=latest, recovered=True, publications=publications)
+
+
+def newest(client: redis.Redis, topic: str, count: int) -> list[dict[str, Any]]:
+    """Return the newest `count` publications of a topic's history, oldest first."""
+    entries = client.xrevrange(history_key(topic), count=count)
+    return [_publication(topic, entry_id, fields) for entry_id, fields in reversed(entries)]

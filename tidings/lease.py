@@ -38,11 +38,18 @@ class Holder:
 
 
 class Lease:
-    """A Redis lease (SET NX PX with a random token) held by one process."""
+    """A Redis lease (SET NX PX with a random token) held by one process.
 
-    def __init__(self, client: redis.Redis, ttl_ms: int, *, since_ms: int) -> None:
+    `key` is the listener's lease unless told otherwise (the webhook
+    delivery task holds one of its own).
+    """
+
+    def __init__(
+        self, client: redis.Redis, ttl_ms: int, *, since_ms: int, key: str = LEASE_KEY
+    ) -> None:
         self._client = client
         self.ttl_ms = ttl_ms
+        self.key = key
         # The value is the token: unique per holder, and readable by operators.
         self.token = json.dumps(
             {
@@ -58,15 +65,15 @@ class Lease:
 
     def acquire(self) -> bool:
         """Take the lease if nobody holds it; True when it is ours."""
-        return bool(self._client.set(LEASE_KEY, self.token, nx=True, px=self.ttl_ms))
+        return bool(self._client.set(self.key, self.token, nx=True, px=self.ttl_ms))
 
     def renew(self) -> bool:
         """Extend the lease if it is still ours; False when it was lost."""
-        return bool(self._renew(keys=[LEASE_KEY], args=[self.token, self.ttl_ms]))
+        return bool(self._renew(keys=[self.key], args=[self.token, self.ttl_ms]))
 
     def release(self) -> bool:
         """Give the lease up if it is still ours, so a successor starts at once."""
-        return bool(self._release(keys=[LEASE_KEY], args=[self.token]))
+        return bool(self._release(keys=[self.key], args=[self.token]))
 
 
 def current_holder(client: redis.Redis) -> Holder | None:

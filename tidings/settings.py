@@ -62,6 +62,15 @@ class Settings:
     # The Sentinel master name of a sentinel:// broker (TIDINGS_SENTINEL_MASTER,
     # else the service named in a redis+sentinel:// TIDINGS_REDIS_URL).
     sentinel_master: str | None = None
+    # Presence, the server API and webhooks (issue 14).
+    presence_topics: tuple[str, ...] = ()
+    join_leave_topics: tuple[str, ...] = ()
+    max_connections_per_user: int | None = None  # None: unlimited
+    revocation_ttl: int = 30 * 86400
+    webhook_url: str | None = None
+    webhook_secret: str | None = None
+    webhook_max_attempts: int = 10
+    webhook_timeout: int = 5
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -124,6 +133,19 @@ class Settings:
                 env, "TIDINGS_MAX_PUBLISH_BATCH", cls.max_publish_batch, 1, 100_000
             ),
             sentinel_master=sentinel_master,
+            presence_topics=_patterns(env, "TIDINGS_PRESENCE_TOPICS", ""),
+            join_leave_topics=_patterns(env, "TIDINGS_JOIN_LEAVE_TOPICS", ""),
+            max_connections_per_user=_int(env, "TIDINGS_MAX_CONNECTIONS_PER_USER", 0, 0, 1_000_000)
+            or None,
+            revocation_ttl=_int(
+                env, "TIDINGS_REVOCATION_TTL", cls.revocation_ttl, 60, 10 * 365 * 86400
+            ),
+            webhook_url=_webhook_url(env.get("TIDINGS_WEBHOOK_URL", "")),
+            webhook_secret=_webhook_secret(env),
+            webhook_max_attempts=_int(
+                env, "TIDINGS_WEBHOOK_MAX_ATTEMPTS", cls.webhook_max_attempts, 1, 1000
+            ),
+            webhook_timeout=_int(env, "TIDINGS_WEBHOOK_TIMEOUT", cls.webhook_timeout, 1, 60),
         )
 
 
@@ -328,6 +350,34 @@ def _public_key(raw: str) -> str | None:
     if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
         raise ConfigError("TIDINGS_JWT_PUBLIC_KEY", "must be an RSA or EC public key")
     return raw
+
+
+def _webhook_url(raw: str) -> str | None:
+    url = raw.strip()
+    if not url:
+        return None
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 -- raises ValueError on a bad port
+    except ValueError as exc:
+        raise ConfigError("TIDINGS_WEBHOOK_URL", f"not a valid URL ({exc})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError("TIDINGS_WEBHOOK_URL", f"expected an http(s):// URL, got {url!r}")
+    return url
+
+
+def _webhook_secret(env: Mapping[str, str]) -> str | None:
+    secret = env.get("TIDINGS_WEBHOOK_SECRET", "")
+    if not env.get("TIDINGS_WEBHOOK_URL", "").strip():
+        return secret or None
+    # Unsigned webhooks would let anyone who can reach the receiver forge events.
+    if len(secret.encode()) < 16:
+        raise ConfigError(
+            "TIDINGS_WEBHOOK_SECRET",
+            "must be set (at least 16 bytes) when TIDINGS_WEBHOOK_URL is: receivers check "
+            "the signature with it",
+        )
+    return secret
 
 
 def _split(raw: str) -> tuple[str, ...]:

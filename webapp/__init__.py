@@ -29,9 +29,12 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         doctor,
         health,
         metrics,
+        operator_cli,
         ops,
         pings,
+        presence,
         realtime,
+        server_api,
     )
     from webapp.extensions import socketio
     from webapp.origins import allowed_origins
@@ -86,6 +89,9 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         max_bytes=settings.client_queue_bytes,
     )
     pings.install()
-    for feature in (realtime, health, api, dashboard, cli, metrics, ops, doctor):
+    # presence before realtime: the Socket.IO handlers call its hooks.
+    for feature in (presence, realtime, health, api, dashboard, cli, metrics, ops, doctor):
+        feature.init_app(app)
+    for feature in (server_api, operator_cli):  # the server API (issue 14)
         feature.init_app(app)
     return app

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import logging
 from typing import Any
 
@@ -11,6 +10,7 @@ from flask import Blueprint, Flask, current_app, request
 
 from tidings import metrics
 from tidings.publishing import PublishError, PublishTimeout, await_receipts, send
+from webapp.apikey import authorised
 
 log = logging.getLogger("tidings.api")
 
@@ -27,15 +27,6 @@ def _error(status: int, error: str, detail: str = "") -> tuple[dict, int]:
     return body, status
 
 
-def _authorised(api_key: str) -> bool:
-    header = request.headers.get("Authorization", "")
-    scheme, _, presented = header.partition(" ")
-    # Constant-time: the comparison must not leak how much of the key matched.
-    return scheme.lower() == "bearer" and hmac.compare_digest(
-        presented.strip().encode(), api_key.encode()
-    )
-
-
 @bp.post("/publish")
 def publish_route() -> tuple[dict, int]:
     """Publish one `{"topic", "data"}` object, or a list, through the ingest stream.
@@ -46,7 +37,7 @@ def publish_route() -> tuple[dict, int]:
     settings = current_app.extensions["tidings.settings"]
     if settings.api_key is None:
         return _error(403, "disabled", "set TIDINGS_API_KEY to enable publishing over HTTP")
-    if not _authorised(settings.api_key):
+    if not authorised(settings.api_key):
         return _error(401, "unauthorized")
     body = request.get_json(silent=True)
     items = body if isinstance(body, list) else [body]

@@ -54,10 +54,16 @@ def publish_command(topic: str, data: str, fast: bool, wait: bool) -> None:
 @click.option("--ttl", default=3600, show_default=True, type=click.IntRange(1), help="Seconds.")
 @with_appcontext
 def token_command(sub: str, topics: tuple[str, ...], ttl: int) -> None:
-    """Print a connection token (JWT HS256 signed with TIDINGS_SECRET)."""
-    secret = current_app.extensions["tidings.settings"].secret
+    """Print a connection token (JWT HS256 signed with TIDINGS_SECRET; with `iat` and `jti`)."""
+    settings = current_app.extensions["tidings.settings"]
+    secret = settings.secret
     if not secret:
         raise click.UsageError("TIDINGS_SECRET is not set: there is no key to sign tokens with")
+    if ttl > settings.revocation_ttl:
+        # A revocation is remembered that long: a longer-lived token would outlive it.
+        raise click.BadParameter(
+            f"at most TIDINGS_REVOCATION_TTL ({settings.revocation_ttl} s)", param_hint="--ttl"
+        )
     click.echo(make_token(secret, sub, list(topics), ttl))
 
 

@@ -10,11 +10,13 @@ signature, expiry or claims do not check.
 
 from __future__ import annotations
 
+import secrets
 import time
 from dataclasses import dataclass, field
 
 import jwt
 
+from tidings.revocation import MAX_TOKEN_ID_LENGTH
 from tidings.settings import Settings
 from tidings.topics import is_valid_pattern, matches_any
 
@@ -37,6 +39,9 @@ class Grant:
     topics: dict[str, float | None] = field(default_factory=dict)
     # When this connection was told its token expired (None: not yet).
     expiry_notified_at: float | None = None
+    # The token's `iat` and `jti` claims, checked against revocations.
+    issued_at: float | None = None
+    token_id: str | None = None
 
     def allows(self, topic: str, public: tuple[str, ...]) -> bool:
         """Tell whether this connection may subscribe to `topic` by itself."""
@@ -50,6 +55,8 @@ class Claims:
     sub: str
     patterns: tuple[str, ...]
     expires_at: float
+    issued_at: float | None = None
+    token_id: str | None = None
 
 
 def _keys(settings: Settings) -> list[tuple[str, list[str]]]:
@@ -86,15 +93,44 @@ def decode_token(token: object, settings: Settings) -> Claims:
     topics = claims.get("topics", [])
     if not isinstance(topics, list) or not all(is_valid_pattern(p) for p in topics):
         raise InvalidToken("claim 'topics' must be a list of topic patterns")
-    return Claims(sub=str(claims["sub"]), patterns=tuple(topics), expires_at=float(claims["exp"]))
+    token_id = claims.get("jti")
+    if token_id is not None and (
+        not isinstance(token_id, str) or not token_id or len(token_id) > MAX_TOKEN_ID_LENGTH
+    ):
+        raise InvalidToken(f"claim 'jti' must be a string of 1 to {MAX_TOKEN_ID_LENGTH} characters")
+    issued_at = claims.get("iat")  # PyJWT checked that it is a number, if present
+    return Claims(
+        sub=str(claims["sub"]),
+        patterns=tuple(topics),
+        expires_at=float(claims["exp"]),
+        issued_at=float(issued_at) if issued_at is not None else None,
+        token_id=token_id,
+    )
 
 
 def grant_for(claims: Claims) -> Grant:
     """Return a connection's grant from its token's claims."""
-    return Grant(sub=claims.sub, patterns=claims.patterns, expires_at=claims.expires_at)
+    return Grant(
+        sub=claims.sub,
+        patterns=claims.patterns,
+        expires_at=claims.expires_at,
+        issued_at=claims.issued_at,
+        token_id=claims.token_id,
+    )
 
 
 def make_token(secret: str, sub: str, topics: list[str], ttl: int) -> str:
-    """Sign an HS256 connection token for `sub` granting `topics` for `ttl` seconds."""
-    claims = {"sub": sub, "topics": topics, "exp": int(time.time()) + ttl}
+    """Sign an HS256 connection token for `sub` granting `topics` for `ttl` seconds.
+
+    It carries `iat` and a random `jti`, so that it can be revoked by time
+    or by id (POST /api/revoke).
+    """
+    now = int(time.time())
+    claims = {
+        "sub": sub,
+        "topics": topics,
+        "iat": now,
+        "exp": now + ttl,
+        "jti": secrets.token_urlsafe(12),
+    }
     return jwt.encode(claims, secret, algorithm="HS256")

@@ -40,6 +40,7 @@ from tidings import metrics, stats
 from tidings.lease import current_holder
 from tidings.logs import RateLimited
 from tidings.stats import LATENCY_BUCKETS, PATHS
+from webapp.webhook_metrics import WebhookCollector
 
 log = logging.getLogger("tidings.metrics")
 
@@ -172,6 +173,7 @@ def metrics_route() -> Response:
         local = REGISTRY
     shared = CollectorRegistry(auto_describe=False)
     shared.register(ListenerCollector(current_app.extensions["tidings.redis"]))
+    shared.register(WebhookCollector(current_app.extensions["tidings.redis"]))
     body = generate_latest(local) + generate_latest(shared)
     return Response(body, mimetype=CONTENT_TYPE_LATEST)
 

@@ -7,16 +7,16 @@ as `POST /api/publish` (TIDINGS_API_KEY; unset: 403).
 
 from __future__ import annotations
 
-import hmac
 import logging
 import time
 from typing import Any
 
 import redis
-from flask import Blueprint, Flask, current_app, request
+from flask import Blueprint, Flask, current_app
 
 from tidings import stats
 from tidings.lease import current_holder
+from webapp.apikey import refusal
 
 log = logging.getLogger("tidings.ops")
 
@@ -38,15 +38,6 @@ INT_FIELDS = (
     "limit_hits",
     "updated_ms",
 )
-
-
-def _authorised(api_key: str) -> bool:
-    header = request.headers.get("Authorization", "")
-    scheme, _, presented = header.partition(" ")
-    # Constant-time: the comparison must not leak how much of the key matched.
-    return scheme.lower() == "bearer" and hmac.compare_digest(
-        presented.strip().encode(), api_key.encode()
-    )
 
 
 def _worker(raw: dict[str, str]) -> dict[str, Any]:
@@ -105,11 +96,9 @@ def snapshot(client: redis.Redis) -> dict[str, Any]:
 @bp.get("/ops")
 def ops_route() -> tuple[dict, int]:
     """Answer the operator view (Bearer TIDINGS_API_KEY)."""
-    settings = current_app.extensions["tidings.settings"]
-    if settings.api_key is None:
-        return {"ok": False, "error": "disabled", "detail": "set TIDINGS_API_KEY"}, 403
-    if not _authorised(settings.api_key):
-        return {"ok": False, "error": "unauthorized"}, 401
+    refused = refusal(current_app.extensions["tidings.settings"])
+    if refused is not None:
+        return refused
     try:
         return snapshot(current_app.extensions["tidings.redis"]), 200
     except redis.RedisError as exc:

@@ -157,6 +157,8 @@ class Handlers:
             except InvalidToken as exc:
                 log.info("refused a connection: invalid token (%s)", exc)
                 raise socketio.exceptions.ConnectionRefusedError("invalid_token") from None
+        # Presence hook (issue 14): revocations, the per-user cap; may refuse.
+        self.app.extensions["tidings.presence"].admit(sid, grant)
         connections.by_sid[sid] = Connection(grant, ip, allowance=float(settings.subscribe_rate))
         connections.per_ip[ip] += 1
         if grant.expires_at is not None:
@@ -168,6 +170,7 @@ class Handlers:
         connections = self.connections
         connection = connections.by_sid.pop(sid, None)
         connections.expiring.discard(sid)
+        self.app.extensions["tidings.presence"].disconnected(sid)  # presence hook (issue 14)
         if connection is not None:
             for topic in connection.grant.topics:
                 metrics.subscription_changed(topic, -1)
@@ -266,6 +269,7 @@ class Handlers:
             self.connections.expiring.add(sid)
         if new:
             metrics.subscription_changed(topic, 1)
+        self.app.extensions["tidings.presence"].subscribed(sid, topic)  # presence hook (issue 14)
 
     def _recover(self, topic: str, since: Any) -> Recovery:
         return recover(
@@ -294,6 +298,7 @@ class Handlers:
         if connection is not None and topic in connection.grant.topics:
             connection.grant.topics.pop(topic)
             metrics.subscription_changed(topic, -1)
+        self.app.extensions["tidings.presence"].unsubscribed(sid, topic)  # presence hook (issue 14)
         return {"ok": True}
 
     def refresh(self, sid: str, payload: Any = None, *_: Any) -> dict[str, Any]:
@@ -312,6 +317,8 @@ class Handlers:
             log.warning("refresh refused: token for sub=%s on sub=%s", claims.sub, old.sub)
             return _error("invalid_token")
         fresh = grant_for(claims)
+        if not self.app.extensions["tidings.presence"].refreshed(sid, fresh):  # presence hook
+            return _error("invalid_token")
         fresh.topics = old.topics
         connection.grant = fresh
         self.connections.expiring.add(sid)  # a token always has `exp`
@@ -323,13 +330,23 @@ def _sweep(handlers: Handlers) -> None:
     while True:
         handlers.server.sleep(SWEEP_SECONDS)
         try:
-            _sweep_once(handlers.server, handlers.connections, handlers.settings, time.time())
+            _sweep_once(
+                handlers.server,
+                handlers.connections,
+                handlers.settings,
+                time.time(),
+                handlers.app.extensions["tidings.presence"],
+            )
         except Exception:  # never let one bad connection stop expiry for all
             log.exception("token expiry sweep failed; retrying")
 
 
 def _sweep_once(
-    server: socketio.Server, connections: Connections, settings: Settings, now: float
+    server: socketio.Server,
+    connections: Connections,
+    settings: Settings,
+    now: float,
+    presence: Any,
 ) -> None:
     for sid in list(connections.expiring):
         connection = connections.by_sid.get(sid)
@@ -347,6 +364,7 @@ def _sweep_once(
                 grant.topics.pop(topic, None)
                 metrics.subscription_changed(topic, -1)
                 server.leave_room(sid, room(topic), namespace=NAMESPACE)
+                presence.unsubscribed(sid, topic)  # presence hook (issue 14)
                 server.emit("token_expired", {"topic": topic}, to=sid, namespace=NAMESPACE)
         if grant.expires_at is None and all(e is None for e in grant.topics.values()):
             connections.expiring.discard(sid)  # nothing of it can expire any more

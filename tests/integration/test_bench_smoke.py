@@ -117,3 +117,18 @@ def test_quick_bench_of_tidings_completes_with_nothing_lost(node: None, tmp_path
     assert (tmp_path / "scale-out.png").stat().st_size > 0
     # A separate benchmark's result survives the rewrite, after the generated part.
     assert written.index("## Targets (issues 7 and 13)") < written.index("- **by_hand**")
+
+
+def test_presence_bench_runs_at_tiny_sizes(node: None) -> None:
+    command = [
+        sys.executable,
+        "-m",
+        "bench.presence",
+        *("--clients", "8", "--rate", "10", "--seconds", "0.5", "--rounds", "1"),
+        *("--members", "20", "--calls", "10", "--no-record"),
+    ]
+    done = subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, timeout=150, check=False
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "presence off" in done.stdout and "`presence_stats`" in done.stdout

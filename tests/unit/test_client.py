@@ -49,3 +49,15 @@ def test_websocket_options_keep_the_utf8_check_off_unless_told_otherwise() -> No
     assert options(websocket_extra_options={"skip_utf8_validation": False}) == {
         "skip_utf8_validation": False
     }
+
+
+def test_a_topic_the_server_unsubscribed_is_forgotten() -> None:
+    ended: list[str] = []
+    client = TidingsClient(
+        "http://127.0.0.1:1", on_publication=lambda pub: None, on_unsubscribed=ended.append
+    )
+    client._topics["a"] = _Topic()
+    client._on_unsubscribed({"topic": "a"})
+    client._on_unsubscribed({"topic": "never"})
+    client._on_unsubscribed("garbage")
+    assert ended == ["a"] and "a" not in client._topics

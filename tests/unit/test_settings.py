@@ -175,3 +175,55 @@ def test_malformed_sentinel_settings_name_the_variable(variable: str, env: dict)
         Settings.from_env(env)
     assert caught.value.variable == variable
     assert str(caught.value).startswith(variable + ":")
+
+
+# -- presence, the server API, webhooks (issue 14) -------------------------------
+
+
+def test_presence_and_webhook_settings() -> None:
+    defaults = Settings.from_env({})
+    assert defaults.presence_topics == () and defaults.join_leave_topics == ()
+    assert defaults.max_connections_per_user is None
+    assert defaults.webhook_url is None and defaults.revocation_ttl == 30 * 86400
+    settings = Settings.from_env(
+        {
+            "TIDINGS_PRESENCE_TOPICS": "rooms.*, lobby",
+            "TIDINGS_JOIN_LEAVE_TOPICS": "rooms.*",
+            "TIDINGS_MAX_CONNECTIONS_PER_USER": "5",
+            "TIDINGS_WEBHOOK_URL": "https://hooks.example/tidings",
+            "TIDINGS_WEBHOOK_SECRET": "sixteen-bytes-at-least",
+            "TIDINGS_WEBHOOK_MAX_ATTEMPTS": "3",
+        }
+    )
+    assert settings.presence_topics == ("rooms.*", "lobby")
+    assert settings.max_connections_per_user == 5
+    assert settings.webhook_url == "https://hooks.example/tidings"
+    assert settings.webhook_max_attempts == 3
+    assert (
+        Settings.from_env({"TIDINGS_MAX_CONNECTIONS_PER_USER": "0"}).max_connections_per_user
+        is None
+    )
+
+
+@pytest.mark.parametrize(
+    ("variable", "env"),
+    [
+        ("TIDINGS_PRESENCE_TOPICS", {"TIDINGS_PRESENCE_TOPICS": "a b"}),
+        ("TIDINGS_JOIN_LEAVE_TOPICS", {"TIDINGS_JOIN_LEAVE_TOPICS": "a:b"}),
+        ("TIDINGS_MAX_CONNECTIONS_PER_USER", {"TIDINGS_MAX_CONNECTIONS_PER_USER": "-1"}),
+        ("TIDINGS_REVOCATION_TTL", {"TIDINGS_REVOCATION_TTL": "1"}),
+        ("TIDINGS_WEBHOOK_URL", {"TIDINGS_WEBHOOK_URL": "ftp://x/y"}),
+        ("TIDINGS_WEBHOOK_URL", {"TIDINGS_WEBHOOK_URL": "http://h:port/"}),
+        ("TIDINGS_WEBHOOK_SECRET", {"TIDINGS_WEBHOOK_URL": "http://h/"}),
+        (
+            "TIDINGS_WEBHOOK_SECRET",
+            {"TIDINGS_WEBHOOK_URL": "http://h/", "TIDINGS_WEBHOOK_SECRET": "short"},
+        ),
+        ("TIDINGS_WEBHOOK_MAX_ATTEMPTS", {"TIDINGS_WEBHOOK_MAX_ATTEMPTS": "0"}),
+        ("TIDINGS_WEBHOOK_TIMEOUT", {"TIDINGS_WEBHOOK_TIMEOUT": "61"}),
+    ],
+)
+def test_bad_presence_and_webhook_settings_name_the_variable(variable: str, env: dict) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env(env)
+    assert caught.value.variable == variable
