@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import socket
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ from tests.support import wait_for
 from tidings.listenqueue import (
     KernelLimits,
     ListenCounters,
+    ListeningSocket,
     kernel_limits,
     listen_counters,
     listening_socket,
@@ -54,10 +56,7 @@ def test_a_full_accept_queue_counts_overflows_and_shows_in_ss(
             timeout=5,
         )
         assert (grown - before).drops >= (grown - before).overflows
-        if shutil.which("ss"):
-            assert listening_socket(port) is not None
-            assert listening_socket(port).queued == 1  # type: ignore[union-attr]
-            assert listening_socket(port).limit == 0  # type: ignore[union-attr]
+        assert listening_socket(port) == ListeningSocket(queued=1, limit=0)
     finally:
         for client in clients:
             client.close()
@@ -91,9 +90,22 @@ def test_readers_parse_proc_files_and_return_none_without_them(tmp_path: Path) -
     assert ListenCounters(20, 25) - ListenCounters(17, 19) == ListenCounters(3, 6)
 
 
-@pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2)")
-def test_a_port_nothing_listens_on_has_no_queue() -> None:
+@linux
+def test_a_listening_socket_reads_as_ss_shows_it() -> None:
+    with socket.socket(socket.AF_INET6) as server:
+        server.bind(("::1", 0))
+        server.listen(77)
+        port = server.getsockname()[1]
+        assert listening_socket(port) == ListeningSocket(queued=0, limit=min(77, somaxconn()))
+        if shutil.which("ss"):
+            line = subprocess.run(
+                ["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=True
+            ).stdout.split()
+            assert (int(line[1]), int(line[2])) == (0, min(77, somaxconn()))
     with socket.socket() as unbound:
         unbound.bind(("127.0.0.1", 0))
-        port = unbound.getsockname()[1]
-        assert listening_socket(port) is None
+        assert listening_socket(unbound.getsockname()[1]) is None
+
+
+def somaxconn() -> int:
+    return int(Path("/proc/sys/net/core/somaxconn").read_text())
