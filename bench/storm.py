@@ -1,13 +1,18 @@
 """A reconnect storm: N clients on one web worker, the worker SIGKILLed, everyone comes back.
 
-    .venv/bin/python -m bench.storm [--clients 5000] [--python-clients 20] [--quick]
+    .venv/bin/python -m bench.storm [--clients 5000] [--browser-clients 500]
+        [--python-clients 20] [--quick]
 
 Starts a real stack (one gunicorn worker as gunicorn.conf.py configures it,
 one Celery worker, a Redis of its own) and connects N clients, each
-subscribed to a shared topic and to a topic of its own: N - P are Tidings'
+subscribed to a shared topic and to a topic of its own: B are Tidings'
 browser client (webapp/static/tidings.js on socket.io-client, in Node:
-bench/peers/storm.js), P are the Python client (`tidings.client`) in this
-process. Durable publications go out at a steady rate for the whole run.
+bench/peers/storm.js), P the Python client (`tidings.client`) in this
+process, and the rest lean Node clients with the same reconnection and
+resubscribe rules on a hand-framed websocket (socket.io-client in Node
+costs so much CPU per reconnection that 5,000 of them, on the server's two
+cores, came back seconds late by their own fault). Durable publications go
+out at a steady rate for the whole run.
 After a warm-up the gunicorn worker (not the master) is SIGKILLed; gunicorn
 forks a new one, and every client reconnects on its own backoff and
 resubscribes with `since`. Measured:
@@ -60,13 +65,16 @@ from tidings.listenqueue import (
 )
 
 SHARED = "public.storm.all"
-JS_PREFIX = "public.storm.js."
+NODE_PREFIX = "public.storm.node."
 PY_PREFIX = "public.storm.py."
 JS_CLIENT = ROOT / "webapp" / "static" / "tidings.js"
 TARGET_S = 20.0
-# Clients per Node process: socket.io-client costs far more per message than
-# the hand-framed loadgen.js, and the storm is CPU-bound on both sides.
-PER_PROCESS = 1250
+# Clients per Node process. socket.io-client costs about 1.4 ms of CPU per
+# reconnection here: 5,000 of them took a third of the machine during the
+# storm, and their own timers fired seconds late, which spread the storm
+# out. The lean clients cost a tenth of that.
+BROWSERS_PER_PROCESS = 1250
+LEAN_PER_PROCESS = 2500
 
 
 def now_ms() -> float:
@@ -79,6 +87,9 @@ class Sizes:
     """How big a storm, and how much publishing around it."""
 
     clients: int = 5000
+    # Of which tidings.js on socket.io-client, and Python `tidings.client`;
+    # the rest are lean clients (bench/peers/storm.js).
+    browser_clients: int = 500
     python_clients: int = 20
     shared_rate: float = 2.0
     own_rate: float = 500.0
@@ -87,7 +98,10 @@ class Sizes:
     deadline: float = 120.0
 
 
-QUICK = Sizes(clients=50, python_clients=5, shared_rate=5, own_rate=20, warmup=2, after=1)
+QUICK = Sizes(
+    clients=50, browser_clients=20, python_clients=5, shared_rate=5, own_rate=20, warmup=2, after=1
+)
+KINDS = ("tidings.js", "lean", "python")
 
 
 # -- the clients -----------------------------------------------------------------------
@@ -103,6 +117,7 @@ class ClientResult:
     back_ms: float | None
     attempts: list[float]
     retries: int
+    gaps: int
     delivered: int
     lost: int
     twice: int
@@ -194,6 +209,7 @@ class PythonClient(TidingsClient):
             back_ms=self.back_ms if self.disconnects and self.back() else None,
             attempts=list(self.attempts),
             retries=self.retries,
+            gaps=self.gaps,
             delivered=delivered,
             lost=lost,
             twice=twice,
@@ -203,30 +219,35 @@ class PythonClient(TidingsClient):
         )
 
 
-class BrowserClients(NodeProcesses):
-    """bench/peers/storm.js processes: tidings.js clients on socket.io-client."""
+class NodeClients(NodeProcesses):
+    """bench/peers/storm.js processes: tidings.js on socket.io-client, and lean clients."""
 
-    def __init__(self, url: str, clients: int, workdir: Path) -> None:
-        processes = max(1, math.ceil(clients / PER_PROCESS))
-        share, extra = divmod(clients, processes)
-        configs, first = [], 0
-        for index in range(processes):
-            count = share + (1 if index < extra else 0)
-            configs.append(
-                {
-                    "url": url,
-                    "count": count,
-                    "first": first,
-                    "shared": [SHARED],
-                    "own_prefix": JS_PREFIX,
-                    "client": str(JS_CLIENT),
-                    # A source address per process: ephemeral ports run out
-                    # per (source, destination) pair, and every client
-                    # connects twice.
-                    "local_address": f"127.0.0.{10 + index}",
-                }
-            )
-            first += count
+    def __init__(self, url: str, browsers: int, lean: int, workdir: Path) -> None:
+        configs: list[dict[str, Any]] = []
+        first = 0
+        for kind, clients, per_process in (
+            ("tidings.js", browsers, BROWSERS_PER_PROCESS),
+            ("lean", lean, LEAN_PER_PROCESS),
+        ):
+            processes = math.ceil(clients / per_process)
+            for index in range(processes):
+                count = clients // processes + (1 if index < clients % processes else 0)
+                configs.append(
+                    {
+                        "url": url,
+                        "kind": kind,
+                        "count": count,
+                        "first": first,
+                        "shared": [SHARED],
+                        "own_prefix": NODE_PREFIX,
+                        "client": str(JS_CLIENT),
+                        # A source address per process: ephemeral ports run
+                        # out per (source, destination) pair, and every
+                        # client connects twice.
+                        "local_address": f"127.0.0.{10 + len(configs)}",
+                    }
+                )
+                first += count
         super().__init__("storm.js", configs, workdir=workdir)
 
     def wait_ready(self) -> None:
@@ -235,7 +256,7 @@ class BrowserClients(NodeProcesses):
         failed = sum(a["failed"] for a in answers)
         if failed:
             errors = [e for a in answers for e in a["errors"]]
-            raise RuntimeError(f"{failed} browser clients could not subscribe: {errors}")
+            raise RuntimeError(f"{failed} Node clients could not subscribe: {errors}")
 
     def mark(self, at_ms: float) -> None:
         """Count what happens from `at_ms` on as the storm's."""
@@ -251,12 +272,13 @@ class BrowserClients(NodeProcesses):
         answers = self._ask({"cmd": "report", "expected": expected}, "report")
         return [
             ClientResult(
-                kind="js",
+                kind=c["kind"],
                 disconnected_ms=c["disconnected"],
                 connected_ms=c["connected"],
                 back_ms=c["back"],
                 attempts=c["attempts"],
                 retries=c["retries"],
+                gaps=c["gaps"],
                 delivered=c["delivered"],
                 lost=c["lost"],
                 twice=c["twice"],
@@ -347,7 +369,7 @@ class Observer(threading.Thread):
                             [
                                 str(VENV_BIN / "py-spy"),
                                 *("record", "--pid", str(fresh[0].pid), "--format", "raw"),
-                                *("--rate", "200", "--output", str(self.profile)),
+                                *("--rate", "200", "--nonblocking", "--output", str(self.profile)),
                             ],
                             stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL,
@@ -452,12 +474,12 @@ def machine_busy() -> float:
     return sum(times) - times.idle - getattr(times, "iowait", 0.0)
 
 
-def cpu_snapshot(stack: Stack, browsers: BrowserClients, master: int) -> dict[str, float]:
+def cpu_snapshot(stack: Stack, node: NodeClients, master: int) -> dict[str, float]:
     """CPU seconds so far of each part of the run (the web worker is counted apart)."""
     assert stack.redis_server.process is not None
     return {
         "gunicorn master": _own_cpu(master),
-        "Node clients": browsers.cpu(),
+        "Node clients": node.cpu(),
         "Celery": cpu_seconds(worker.pid for worker in stack.workers),
         "Redis": _own_cpu(stack.redis_server.process.pid),
         "harness (Python clients, publisher)": _own_cpu(os.getpid()),
@@ -466,11 +488,11 @@ def cpu_snapshot(stack: Stack, browsers: BrowserClients, master: int) -> dict[st
 
 
 def wait_back(
-    browsers: BrowserClients, pythons: list[PythonClient], total: int, deadline: float
+    node: NodeClients, pythons: list[PythonClient], total: int, deadline: float
 ) -> float | None:
     """Poll until every client is back; return when the last one was, or None at the deadline."""
     while time.monotonic() < deadline:
-        back, _ = browsers.stat()
+        back, _ = node.stat()
         back += sum(1 for client in pythons if client.disconnects and client.back())
         if back >= total:
             return now_ms()
@@ -479,12 +501,12 @@ def wait_back(
 
 
 def wait_delivered(
-    browsers: BrowserClients, pythons: list[PythonClient], expected: int, idle: float = 10
+    node: NodeClients, pythons: list[PythonClient], expected: int, idle: float = 10
 ) -> int:
     """Poll until `expected` deliveries arrived, or none for `idle` seconds; return the count."""
     last, since = -1, time.monotonic()
     while True:
-        _, got = browsers.stat()
+        _, got = node.stat()
         got += sum(client.delivered() for client in pythons)
         if got >= expected:
             return got
@@ -500,7 +522,8 @@ def run(
 ) -> Storm:
     """Run one storm and return what it measured (`backlog` overrides gunicorn.conf.py's)."""
     ensure_node_modules()
-    browsers_n = sizes.clients - sizes.python_clients
+    lean = sizes.clients - sizes.browser_clients - sizes.python_clients
+    node_n = sizes.browser_clients + lean
     env = {
         # Every client comes from loopback.
         "TIDINGS_MAX_CONNECTIONS_PER_IP": "1000000",
@@ -515,7 +538,7 @@ def run(
         [worker] = psutil.Process(master).children()
         log(f"stack up ({stack.directory}); connecting {sizes.clients} clients")
         pythons = [PythonClient(stack.url, i) for i in range(sizes.python_clients)]
-        browsers = BrowserClients(stack.url, browsers_n, stack.directory)
+        node = NodeClients(stack.url, sizes.browser_clients, lean, stack.directory)
         try:
             for client in pythons:
                 client.connect()
@@ -523,8 +546,8 @@ def run(
                     ack = client.subscribe(topic)
                     if not ack.get("ok"):
                         raise RuntimeError(f"python client refused: {ack}")
-            browsers.wait_ready()
-            own = [f"{JS_PREFIX}{i}" for i in range(browsers_n)]
+            node.wait_ready()
+            own = [f"{NODE_PREFIX}{i}" for i in range(node_n)]
             own += [f"{PY_PREFIX}{i}" for i in range(sizes.python_clients)]
             load = SteadyLoad(stack.redis_server.url(0), own, sizes.shared_rate, sizes.own_rate)
             load.start()
@@ -533,16 +556,16 @@ def run(
             before = listen_counters()
             observer = Observer(master, worker.pid, stack.port, profile)
             observer.start()
-            cpu_before = cpu_snapshot(stack, browsers, master)
+            cpu_before = cpu_snapshot(stack, node, master)
             mark = now_ms()
-            browsers.mark(mark)
+            node.mark(mark)
             for client in pythons:
                 client.mark_ms = mark
             kill_ms = now_ms()
             os.kill(worker.pid, signal.SIGKILL)
             log(f"SIGKILL to worker {worker.pid}; waiting for every client to come back")
-            back_ms = wait_back(browsers, pythons, sizes.clients, time.monotonic() + sizes.deadline)
-            cpu_after = cpu_snapshot(stack, browsers, master)
+            back_ms = wait_back(node, pythons, sizes.clients, time.monotonic() + sizes.deadline)
+            cpu_after = cpu_snapshot(stack, node, master)
             cpu = None
             if observer.new_worker is not None:
                 cpu = _own_cpu(observer.new_worker.pid)
@@ -555,13 +578,13 @@ def run(
             published = load.halt()
             expected = sum(published.get(SHARED, 0) + published.get(t, 0) for t in own)
             log("publisher stopped; waiting for the last deliveries")
-            wait_delivered(browsers, pythons, expected)
-            results = browsers.results(published)
+            wait_delivered(node, pythons, expected)
+            results = node.results(published)
             results += [client.result(published) for client in pythons]
         finally:
             for client in pythons:
                 client.disconnect()
-            browsers.close()
+            node.close()
         peak, peak_at = observer.peak()
         drained = observer.drained()
         return Storm(
@@ -586,77 +609,84 @@ def run(
 # -- the report -----------------------------------------------------------------------
 
 
+def _p50_p99_max(values: list[float]) -> str:
+    if not values:
+        return "none"
+    return f"{quantile(values, 0.5):.2f} / {quantile(values, 0.99):.2f} / {max(values):.2f}"
+
+
+def first_attempts(results: Iterable[ClientResult]) -> list[float]:
+    """Each client's delay, in ms, from its disconnect to its first reconnection attempt."""
+    return [
+        r.attempts[0] - r.disconnected_ms
+        for r in results
+        if r.attempts and r.disconnected_ms is not None
+    ]
+
+
 def summary(storm: Storm) -> tuple[list[str], str]:
     """The printed lines and the one-line result for RESULTS.md."""
     results = storm.results
     sizes = storm.sizes
-    back = [(r.back_ms - storm.kill_ms) / 1000 for r in results if r.back_ms is not None]
+
+    def after_kill(values: Iterable[float | None]) -> list[float]:
+        return [(v - storm.kill_ms) / 1000 for v in values if v is not None]
+
+    back = after_kill(r.back_ms for r in results)
     missing = len(results) - len(back)
     lost = sum(r.lost for r in results)
     twice = sum(r.twice for r in results)
     disorder = sum(r.out_of_order for r in results)
+    gaps = sum(r.gaps for r in results)
     unexpected = sum(r.unexpected for r in results)
     delivered = sum(r.delivered for r in results)
     wire = sum(r.wire for r in results)
     refused = [r.refused for r in results if r.refused]
     own_published = sum(storm.published.values()) - storm.published.get(SHARED, 0)
+    kinds = Counter(r.kind for r in results)
     limits = kernel_limits()
+    ok = not missing and bool(back) and max(back) <= TARGET_S and lost == twice == gaps == 0
+    verdict = "met" if ok else "**missed**"
     lines = [
-        f"storm: {len(results):,} clients ({sum(r.kind == 'js' for r in results):,} tidings.js "
-        f"on socket.io-client, {sum(r.kind == 'python' for r in results)} tidings.client), "
-        "each on 1 shared + 1 own topic, one gunicorn worker SIGKILLed",
+        f"storm: {len(results):,} clients ("
+        + ", ".join(f"{kinds[kind]:,} {kind}" for kind in KINDS if kinds[kind])
+        + "), each on 1 shared + 1 own topic, one gunicorn worker SIGKILLed",
         f"  new worker forked after {storm.forked_s:.2f} s"
         if storm.forked_s is not None
         else "  new worker: not seen",
+        "  timeline, s after the kill (p50 / p99 / max): disconnect noticed "
+        f"{_p50_p99_max(after_kill(r.disconnected_ms for r in results))}; connected again "
+        f"{_p50_p99_max(after_kill(r.connected_ms for r in results))}; resubscribed "
+        f"{_p50_p99_max(back)}",
     ]
-
-    def after_kill(values: Iterable[float | None]) -> list[float]:
-        return [(v - storm.kill_ms) / 1000 for v in values if v is not None]
-
-    def p50_p99_max(values: list[float]) -> str:
-        if not values:
-            return "none"
-        return f"{quantile(values, 0.5):.2f} / {quantile(values, 0.99):.2f} / {max(values):.2f}"
-
-    noticed = after_kill(r.disconnected_ms for r in results)
-    connected = after_kill(r.connected_ms for r in results)
-    lines.append(
-        f"  timeline, s after the kill (p50 / p99 / max): disconnect noticed "
-        f"{p50_p99_max(noticed)}; connected again {p50_p99_max(connected)}; "
-        f"resubscribed {p50_p99_max(back)}"
-    )
     if storm.peak_at_s is not None:
         lines.append(
             f"  accept queue: {storm.peak_queued} waiting at its peak, {storm.peak_at_s:.2f} s "
             "after the kill; empty again at "
             + (f"{storm.drained_s:.2f} s" if storm.drained_s is not None else "(never sampled)")
         )
-    verdict = "n/a"
     if back:
-        all_back = storm.all_back_s if not missing else None
         lines.append(
             f"  back and resubscribed, from the kill: p50 {quantile(back, 0.5):.2f} s, "
             f"p99 {quantile(back, 0.99):.2f} s, max {max(back):.2f} s; "
-            + (f"all {len(results):,} back after {all_back:.2f} s" if all_back else "")
-            + (f"{missing} never came back within {sizes.deadline:g} s" if missing else "")
+            + (
+                f"{missing} never came back within {sizes.deadline:g} s"
+                if missing
+                else f"all {len(results):,} back after {storm.all_back_s:.2f} s"
+            )
         )
-        verdict = "met" if not missing and max(back) <= TARGET_S and lost == 0 else "**missed**"
         lines += ["  clients back, by time after the kill:", *histogram(back, width=0.5)]
-    for kind in ("js", "python"):
+    for kind in KINDS:
         mine = [r for r in results if r.kind == kind]
         if not mine:
             continue
-        mine_back = [(r.back_ms - storm.kill_ms) / 1000 for r in mine if r.back_ms is not None]
-        first = [
-            r.attempts[0] - r.disconnected_ms
-            for r in mine
-            if r.attempts and r.disconnected_ms is not None
-        ]
+        mine_back = after_kill(r.back_ms for r in mine)
         attempts = [len(r.attempts) for r in mine]
+        first = first_attempts(mine)
         lines.append(
             f"  {kind}: back p50 {quantile(mine_back, 0.5):.2f} s, max {max(mine_back):.2f} s; "
             f"reconnection attempts per client mean {statistics.mean(attempts):.2f}, "
-            f"max {max(attempts)}; subscribe retries {sum(r.retries for r in mine)}"
+            f"max {max(attempts)}; subscribes asked again {sum(r.retries for r in mine)}"
             if mine_back
             else f"  {kind}: none back"
         )
@@ -668,16 +698,15 @@ def summary(storm: Storm) -> tuple[list[str], str]:
         reasons = Counter(reason for r in mine for reason in r.reasons)
         if reasons:
             lines.append(f"  {kind}: disconnect reasons {dict(reasons)}")
-    attempts_at = [
-        (t - storm.kill_ms) / 1000 for r in results for t in r.attempts[:1] if t >= storm.kill_ms
-    ]
+    attempts_at = after_kill(r.attempts[0] if r.attempts else None for r in results)
     lines += ["  first reconnection attempts, by time after the kill:", *histogram(attempts_at)]
     lines.append(
         f"  durable publications: {storm.published.get(SHARED, 0):,} on the shared topic "
         f"({sizes.shared_rate:g}/s), {own_published:,} on own topics "
         f"({sizes.own_rate:g}/s in all); delivered {delivered:,}: lost {lost}, "
-        f"twice {twice}, out of order {disorder}, unexpected {unexpected}; "
-        f"{wire - delivered:,} copies on the wire dropped by the clients' offset check"
+        f"twice {twice}, out of order {disorder}, gaps reported {gaps}, unexpected "
+        f"{unexpected}; {wire - delivered:,} copies on the wire dropped by the clients' "
+        "offset check"
     )
     if refused:
         lines.append(f"  refused: {len(refused)} ({refused[:3]})")
@@ -691,15 +720,14 @@ def summary(storm: Storm) -> tuple[list[str], str]:
             f"  kernel: gunicorn backlog {storm.backlog}, net.core.somaxconn {limits.somaxconn}, "
             f"tcp_max_syn_backlog {limits.max_syn_backlog}, tcp_syncookies {limits.syncookies}: "
             f"{queue}; peak queued {storm.peak_queued}"
-            + (f" at {storm.peak_at_s:.2f} s" if storm.peak_at_s is not None else "")
         )
     if storm.counters is not None:
         lines.append(
             f"  ListenOverflows +{storm.counters.overflows}, ListenDrops +{storm.counters.drops} "
             "during the storm (host-wide counters)"
         )
+    cores = os.cpu_count() or 1
     if storm.all_back_s is not None:
-        cores = os.cpu_count() or 1
         lines.append(
             f"  CPU from the kill until all were back ({storm.all_back_s:.1f} s x {cores} cores"
             f" = {storm.all_back_s * cores:.1f} core-s): "
@@ -710,20 +738,12 @@ def summary(storm: Storm) -> tuple[list[str], str]:
         )
     lines.append(f"  target: all back within {TARGET_S:g} s, nothing lost: {verdict}")
 
-    js_first = [
-        r.attempts[0] - r.disconnected_ms
-        for r in results
-        if r.kind == "js" and r.attempts and r.disconnected_ms is not None
-    ]
-    py_first = [
-        r.attempts[0] - r.disconnected_ms
-        for r in results
-        if r.kind == "python" and r.attempts and r.disconnected_ms is not None
-    ]
+    cpu = storm.cpu
     result = (
-        f"{len(results):,} clients ({len(results) - sizes.python_clients:,} tidings.js, "
-        f"{sizes.python_clients} Python) on one gunicorn worker, SIGKILLed under "
-        f"{sizes.shared_rate:g}+{sizes.own_rate:g} durable publications/s: "
+        f"{len(results):,} clients ("
+        + ", ".join(f"{kinds[kind]:,} {kind}" for kind in KINDS if kinds[kind])
+        + f") on one gunicorn worker, SIGKILLed under {sizes.shared_rate:g} + "
+        f"{sizes.own_rate:g} durable publications/s: "
         + (
             f"**all back and resubscribed {max(back):.1f} s** after the kill "
             f"(p50 {quantile(back, 0.5):.1f} s, p99 {quantile(back, 0.99):.1f} s; "
@@ -731,15 +751,28 @@ def summary(storm: Storm) -> tuple[list[str], str]:
             else f"**{missing} not back** within {sizes.deadline:g} s ("
         )
         + f"new worker forked at {storm.forked_s or 0:.2f} s); "
-        f"**lost {lost}, twice {twice}**, out of order {disorder} of {delivered:,} deliveries; "
-        f"first reconnection attempt after the disconnect {spread(js_first)} ms (JS, "
-        f"min/p10/p50/p90/max), {spread(py_first)} ms (Python); "
-        f"accept queue {storm.queue_limit} = min(backlog {storm.backlog}, somaxconn "
+        f"**lost {lost}, twice {twice}**, out of order {disorder}, gaps {gaps}, of "
+        f"{delivered:,} deliveries; first reconnection attempt after the disconnect, ms "
+        "(min/p10/p50/p90/max): "
+        + "; ".join(
+            f"{kind} {spread(first_attempts(r for r in results if r.kind == kind))}"
+            for kind in KINDS
+            if kinds[kind]
+        )
+        + f"; accept queue {storm.queue_limit} = min(backlog {storm.backlog}, somaxconn "
         f"{limits.somaxconn if limits else '?'}), peak {storm.peak_queued} queued, "
         + (
             f"ListenOverflows +{storm.counters.overflows}"
             if storm.counters is not None
             else "ListenOverflows unknown"
+        )
+        + (
+            f"; CPU until all back: web worker {cpu.get('new web worker', 0):.1f} s, "
+            f"Node clients {cpu.get('Node clients', 0):.1f} s, others on the machine "
+            f"{cpu.get('everything else on the machine', 0):.1f} s of "
+            f"{storm.all_back_s * cores:.1f} core-s"
+            if storm.all_back_s is not None
+            else ""
         )
         + f"; target (20 s, nothing lost) {verdict}"
     )
@@ -749,6 +782,9 @@ def summary(storm: Storm) -> tuple[list[str], str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, help="all clients (default 5000; --quick 50)")
+    parser.add_argument(
+        "--browser-clients", type=int, help="of which tidings.js on socket.io-client (a tenth)"
+    )
     parser.add_argument("--python-clients", type=int, help="of which Python (default 20)")
     parser.add_argument("--quick", action="store_true", help="a small storm, for a smoke test")
     parser.add_argument("--no-record", action="store_true", help="do not write RESULTS.md")
@@ -763,11 +799,18 @@ def main() -> None:
     args = parser.parse_args()
     sizes = Sizes(**vars(QUICK)) if args.quick else Sizes()
     if args.clients is not None:
+        # The default mix at any size: a tenth tidings.js, up to 20 Python.
         sizes.clients = args.clients
+        sizes.browser_clients = args.clients // 10
+        sizes.python_clients = min(20, args.clients // 10)
+    if args.browser_clients is not None:
+        sizes.browser_clients = args.browser_clients
     if args.python_clients is not None:
         sizes.python_clients = args.python_clients
-    if not 0 <= sizes.python_clients <= sizes.clients:
-        parser.error("--python-clients must be between 0 and --clients")
+    if min(sizes.browser_clients, sizes.python_clients) < 0 or (
+        sizes.browser_clients + sizes.python_clients > sizes.clients
+    ):
+        parser.error("--browser-clients and --python-clients must add up to at most --clients")
     storm = run(
         sizes,
         log=lambda line: print(line, file=sys.stderr, flush=True),
@@ -779,7 +822,7 @@ def main() -> None:
     if not (args.no_record or args.quick or args.backlog or args.profile):
         command = "python -m bench.storm " + " ".join(sys.argv[1:])
         record_separate(RESULTS, "storm", command.strip(), result)
-    failed = any(r.lost or r.twice or r.out_of_order for r in storm.results) or (
+    failed = any(r.lost or r.twice or r.out_of_order or r.gaps for r in storm.results) or (
         storm.all_back_s is None
     )
     if failed:
