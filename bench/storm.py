@@ -35,6 +35,7 @@ printed only). The machine's sysctls are read, never changed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import signal
@@ -44,7 +45,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -517,10 +518,38 @@ def wait_delivered(
         time.sleep(0.1)
 
 
+CGROUP_CPU = Path("/sys/fs/cgroup/cpu")  # cgroup v1's cpu controller
+
+
+@contextlib.contextmanager
+def cpu_limited(pid: int, fraction: float) -> Iterator[None]:
+    """Hold `pid`, and what it forks from now on, to `fraction` of one core (cgroup v1 cpu)."""
+    group = CGROUP_CPU / f"tidings-storm-{os.getpid()}"
+    group.mkdir()
+    try:
+        (group / "cpu.cfs_period_us").write_text("100000")
+        (group / "cpu.cfs_quota_us").write_text(str(int(fraction * 100000)))
+        (group / "cgroup.procs").write_text(str(pid))
+        yield
+    finally:
+        for member in (group / "cgroup.procs").read_text().split():
+            with contextlib.suppress(OSError):  # gone already
+                (CGROUP_CPU / "cgroup.procs").write_text(member)
+        group.rmdir()
+
+
 def run(
-    sizes: Sizes, log: Any = print, profile: Path | None = None, backlog: int | None = None
+    sizes: Sizes,
+    log: Any = print,
+    profile: Path | None = None,
+    backlog: int | None = None,
+    worker_cpu: float | None = None,
 ) -> Storm:
-    """Run one storm and return what it measured (`backlog` overrides gunicorn.conf.py's)."""
+    """Run one storm and return what it measured.
+
+    `backlog` overrides gunicorn.conf.py's; `worker_cpu` holds the new web
+    worker to that fraction of a core (a starved worker, deterministically).
+    """
     ensure_node_modules()
     lean = sizes.clients - sizes.browser_clients - sizes.python_clients
     node_n = sizes.browser_clients + lean
@@ -532,7 +561,7 @@ def run(
         env["GUNICORN_CMD_ARGS"] = f"--backlog {backlog}"
     if sizes.clients > 9000:
         env["TIDINGS_WORKER_CONNECTIONS"] = str(sizes.clients + 1000)
-    with small_stack("tidings-storm-", **env) as stack:
+    with small_stack("tidings-storm-", **env) as stack, contextlib.ExitStack() as limits:
         assert stack.web is not None
         master = stack.web.pid
         [worker] = psutil.Process(master).children()
@@ -561,6 +590,9 @@ def run(
             node.mark(mark)
             for client in pythons:
                 client.mark_ms = mark
+            if worker_cpu is not None:
+                # The master, and so the worker it forks next.
+                limits.enter_context(cpu_limited(master, worker_cpu))
             kill_ms = now_ms()
             os.kill(worker.pid, signal.SIGKILL)
             log(f"SIGKILL to worker {worker.pid}; waiting for every client to come back")
@@ -634,7 +666,10 @@ def summary(storm: Storm) -> tuple[list[str], str]:
 
     back = after_kill(r.back_ms for r in results)
     missing = len(results) - len(back)
-    lost = sum(r.lost for r in results)
+    # A client that never came back has lost nothing yet: what it misses is
+    # pending, in history, until it resubscribes.
+    lost = sum(r.lost for r in results if r.back_ms is not None)
+    pending = sum(r.lost for r in results if r.back_ms is None)
     twice = sum(r.twice for r in results)
     disorder = sum(r.out_of_order for r in results)
     gaps = sum(r.gaps for r in results)
@@ -707,6 +742,7 @@ def summary(storm: Storm) -> tuple[list[str], str]:
         f"twice {twice}, out of order {disorder}, gaps reported {gaps}, unexpected "
         f"{unexpected}; {wire - delivered:,} copies on the wire dropped by the clients' "
         "offset check"
+        + (f"; {pending:,} not delivered to the {missing} clients not back" if missing else "")
     )
     if refused:
         lines.append(f"  refused: {len(refused)} ({refused[:3]})")
@@ -752,7 +788,9 @@ def summary(storm: Storm) -> tuple[list[str], str]:
         )
         + f"new worker forked at {storm.forked_s or 0:.2f} s); "
         f"**lost {lost}, twice {twice}**, out of order {disorder}, gaps {gaps}, of "
-        f"{delivered:,} deliveries; first reconnection attempt after the disconnect, ms "
+        f"{delivered:,} deliveries"
+        + (f" ({pending:,} pending for the clients not back)" if missing else "")
+        + "; first reconnection attempt after the disconnect, ms "
         "(min/p10/p50/p90/max): "
         + "; ".join(
             f"{kind} {spread(first_attempts(r for r in results if r.kind == kind))}"
@@ -796,6 +834,11 @@ def main() -> None:
         type=int,
         help="gunicorn's backlog instead of gunicorn.conf.py's (not recorded)",
     )
+    parser.add_argument(
+        "--worker-cpu",
+        type=float,
+        help="hold the new worker to this fraction of a core (cgroup v1, root; not recorded)",
+    )
     args = parser.parse_args()
     sizes = Sizes(**vars(QUICK)) if args.quick else Sizes()
     if args.clients is not None:
@@ -816,10 +859,11 @@ def main() -> None:
         log=lambda line: print(line, file=sys.stderr, flush=True),
         profile=args.profile,
         backlog=args.backlog,
+        worker_cpu=args.worker_cpu,
     )
     lines, result = summary(storm)
     print("\n".join(lines))
-    if not (args.no_record or args.quick or args.backlog or args.profile):
+    if not (args.no_record or args.quick or args.backlog or args.profile or args.worker_cpu):
         command = "python -m bench.storm " + " ".join(sys.argv[1:])
         record_separate(RESULTS, "storm", command.strip(), result)
     failed = any(r.lost or r.twice or r.out_of_order or r.gaps for r in storm.results) or (
