@@ -5,13 +5,13 @@
 
 Starts a real stack (one gunicorn worker as gunicorn.conf.py configures it,
 one Celery worker, a Redis of its own) and connects N clients, each
-subscribed to a shared topic and to a topic of its own: B are Tidings'
-browser client (webapp/static/tidings.js on socket.io-client, in Node:
-bench/peers/storm.js), P the Python client (`tidings.client`) in this
-process, and the rest lean Node clients with the same reconnection and
-resubscribe rules on a hand-framed websocket (socket.io-client in Node
-costs so much CPU per reconnection that 5,000 of them, on the server's two
-cores, came back seconds late by their own fault). Durable publications go
+subscribed to a shared topic and to a topic of its own. All but P run
+Tidings' own browser client, webapp/static/tidings.js, in Node
+(bench/peers/storm.js): B of them on socket.io-client, the rest on
+leanio.js, the same reconnection on a hand-framed websocket (socket.io-client
+in Node costs so much CPU per reconnection that 5,000 of them, on the
+server's two cores, came back seconds late by their own fault). P are the
+Python client (`tidings.client`) in this process. Durable publications go
 out at a steady rate for the whole run.
 After a warm-up the gunicorn worker (not the master) is SIGKILLed; gunicorn
 forks a new one, and every client reconnects on its own backoff and
@@ -73,7 +73,7 @@ TARGET_S = 20.0
 # Clients per Node process. socket.io-client costs about 1.4 ms of CPU per
 # reconnection here: 5,000 of them took a third of the machine during the
 # storm, and their own timers fired seconds late, which spread the storm
-# out. The lean clients cost a tenth of that.
+# out. leanio.js costs a tenth of that.
 BROWSERS_PER_PROCESS = 1250
 LEAN_PER_PROCESS = 2500
 
@@ -89,7 +89,7 @@ class Sizes:
 
     clients: int = 5000
     # Of which tidings.js on socket.io-client, and Python `tidings.client`;
-    # the rest are lean clients (bench/peers/storm.js).
+    # the rest are tidings.js on leanio.js (bench/peers/).
     browser_clients: int = 500
     python_clients: int = 20
     shared_rate: float = 2.0
@@ -102,7 +102,8 @@ class Sizes:
 QUICK = Sizes(
     clients=50, browser_clients=20, python_clients=5, shared_rate=5, own_rate=20, warmup=2, after=1
 )
-KINDS = ("tidings.js", "lean", "python")
+# tidings.js on socket.io-client, tidings.js on leanio.js, tidings.client.
+KINDS = ("socket.io-client", "leanio", "python")
 
 
 # -- the clients -----------------------------------------------------------------------
@@ -221,14 +222,14 @@ class PythonClient(TidingsClient):
 
 
 class NodeClients(NodeProcesses):
-    """bench/peers/storm.js processes: tidings.js on socket.io-client, and lean clients."""
+    """bench/peers/storm.js processes: tidings.js on socket.io-client, or on leanio.js."""
 
     def __init__(self, url: str, browsers: int, lean: int, workdir: Path) -> None:
         configs: list[dict[str, Any]] = []
         first = 0
         for kind, clients, per_process in (
-            ("tidings.js", browsers, BROWSERS_PER_PROCESS),
-            ("lean", lean, LEAN_PER_PROCESS),
+            ("socket.io-client", browsers, BROWSERS_PER_PROCESS),
+            ("leanio", lean, LEAN_PER_PROCESS),
         ):
             processes = math.ceil(clients / per_process)
             for index in range(processes):
@@ -656,6 +657,14 @@ def first_attempts(results: Iterable[ClientResult]) -> list[float]:
     ]
 
 
+def mix(kinds: Counter[str]) -> str:
+    """Which clients, how many of each."""
+    return (
+        f"tidings.js: {kinds['socket.io-client']:,} on socket.io-client, "
+        f"{kinds['leanio']:,} on leanio.js; tidings.client: {kinds['python']:,}"
+    )
+
+
 def summary(storm: Storm) -> tuple[list[str], str]:
     """The printed lines and the one-line result for RESULTS.md."""
     results = storm.results
@@ -683,9 +692,8 @@ def summary(storm: Storm) -> tuple[list[str], str]:
     ok = not missing and bool(back) and max(back) <= TARGET_S and lost == twice == gaps == 0
     verdict = "met" if ok else "**missed**"
     lines = [
-        f"storm: {len(results):,} clients ("
-        + ", ".join(f"{kinds[kind]:,} {kind}" for kind in KINDS if kinds[kind])
-        + "), each on 1 shared + 1 own topic, one gunicorn worker SIGKILLed",
+        f"storm: {len(results):,} clients ({mix(kinds)}), each on 1 shared + 1 own topic, "
+        "one gunicorn worker SIGKILLed",
         f"  new worker forked after {storm.forked_s:.2f} s"
         if storm.forked_s is not None
         else "  new worker: not seen",
@@ -776,10 +784,8 @@ def summary(storm: Storm) -> tuple[list[str], str]:
 
     cpu = storm.cpu
     result = (
-        f"{len(results):,} clients ("
-        + ", ".join(f"{kinds[kind]:,} {kind}" for kind in KINDS if kinds[kind])
-        + f") on one gunicorn worker, SIGKILLed under {sizes.shared_rate:g} + "
-        f"{sizes.own_rate:g} durable publications/s: "
+        f"{len(results):,} clients ({mix(kinds)}) on one gunicorn worker, SIGKILLed under "
+        f"{sizes.shared_rate:g} + {sizes.own_rate:g} durable publications/s: "
         + (
             f"**all back and resubscribed {max(back):.1f} s** after the kill "
             f"(p50 {quantile(back, 0.5):.1f} s, p99 {quantile(back, 0.99):.1f} s; "

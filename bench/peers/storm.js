@@ -1,25 +1,19 @@
 // One client process of the reconnect-storm benchmark (bench/storm.py).
 //
-//   node storm.js '{"url": "http://127.0.0.1:8000", "kind": "tidings.js", "count": 1000,
+//   node storm.js '{"url": "http://127.0.0.1:8000", "kind": "leanio", "count": 1000,
 //                   "first": 0, "shared": ["public.storm.all"], "own_prefix": "public.storm.c",
 //                   "client": "/path/to/tidings.js", "local_address": "127.0.0.10"}'
 //
-// Two kinds of client, each subscribed to the shared topics and to
-// <own_prefix><index>:
+// Each client is Tidings' own browser client, webapp/static/tidings.js (its
+// resubscribe with `since`, its de-duplication by offset, unchanged),
+// subscribed to the shared topics and to <own_prefix><index>, on one of two
+// Socket.IO clients:
 //
-// - "tidings.js": Tidings' own browser client, webapp/static/tidings.js, on
-//   the npm build of the Socket.IO client it ships with (socket.io-client
-//   4.8.4, the vendored version): its reconnection backoff and jitter, its
-//   resubscribe with `since`, its de-duplication by offset, unchanged.
-// - "lean": the same rules on a hand-framed websocket (wsframe.js), for
-//   numbers of clients whose socket.io-client would take the CPU the server
-//   needs: socket.io-client's reconnection (delay 500 ms doubling to 5 s,
-//   randomizationFactor 0.5, its formula), its 20 s connect timeout, and
-//   tidings.js's subscribe rules (`since` = the last offset, or "0-0" for a
-//   topic that was empty; `unavailable`, and `limit` on a resubscribe, asked
-//   again after 1 s doubling to 15 s, x 0.75-1.25; no ack in 15 s drops the
-//   connection; publications buffered while a subscribe is in flight, and
-//   anything at or below the last offset dropped).
+// - "socket.io-client": the npm build of the Socket.IO client it ships with
+//   (socket.io-client 4.8.4, the vendored version);
+// - "leanio": leanio.js, the same reconnection backoff and jitter on a
+//   hand-framed websocket, for numbers of clients whose socket.io-client
+//   would take the CPU the server needs.
 //
 // Publications carry {"n": <sequence in its topic>}: what the application
 // handler receives is counted per n (lost, twice, out of order).
@@ -35,7 +29,6 @@
 "use strict";
 
 const readline = require("readline");
-const { FramedClient } = require("./wsframe.js");
 
 const config = JSON.parse(process.argv[2]);
 const inFlight = config.concurrency || 50;
@@ -166,28 +159,26 @@ class Tally {
   }
 }
 
-// -- tidings.js on socket.io-client ------------------------------------------------
+// -- tidings.js, on socket.io-client or on leanio.js ---------------------------------
 
-let Tidings = null;
-if (config.kind === "tidings.js") {
-  // tidings.js is a browser script: it reads `io` from, and leaves `Tidings` on, the global object.
-  globalThis.io = require("socket.io-client").io;
-  require(config.client);
-  Tidings = globalThis.Tidings;
-  // Observe every subscribe answer that tidings.js accepts (first ones and
-  // resubscribes alike); it goes on to handle it unchanged.
-  const onSubscribeAck = Tidings.prototype._onSubscribeAck;
-  if (typeof onSubscribeAck !== "function") {
-    throw new Error(`${config.client} has no _onSubscribeAck: update bench/peers/storm.js`);
-  }
-  Tidings.prototype._onSubscribeAck = function (entry, since, ack) {
-    const result = onSubscribeAck.apply(this, arguments);
-    if (this.storm) this.storm.onAck(entry.topic, ack || {});
-    return result;
-  };
+// tidings.js is a browser script: it reads `io` from, and leaves `Tidings` on, the global object.
+globalThis.io =
+  config.kind === "leanio" ? require("./leanio.js").io : require("socket.io-client").io;
+require(config.client);
+const Tidings = globalThis.Tidings;
+// Observe every subscribe answer that tidings.js accepts (first ones and
+// resubscribes alike); it goes on to handle it unchanged.
+const onSubscribeAck = Tidings.prototype._onSubscribeAck;
+if (typeof onSubscribeAck !== "function") {
+  throw new Error(`${config.client} has no _onSubscribeAck: update bench/peers/storm.js`);
 }
+Tidings.prototype._onSubscribeAck = function (entry, since, ack) {
+  const result = onSubscribeAck.apply(this, arguments);
+  if (this.storm) this.storm.onAck(entry.topic, ack || {});
+  return result;
+};
 
-class BrowserMember {
+class Member {
   constructor(index) {
     this.tally = new Tally(index);
     const tally = this.tally;
@@ -238,311 +229,8 @@ class BrowserMember {
   }
 }
 
-// -- the lean client: the same rules, framed by hand -------------------------------
-
-const BEGINNING = "0-0"; // tidings.js's FROM_START
-const ACK_TIMEOUT_MS = 15000; // tidings.js's ackTimeout
-const CONNECT_TIMEOUT_MS = 20000; // socket.io-client's `timeout`
-
-// socket.io-client's Backoff (contrib/backo2.js) as tidings.js configures
-// the Manager: reconnectionDelay 500, reconnectionDelayMax 5000, default
-// randomizationFactor 0.5 and factor 2.
-class Backoff {
-  constructor() {
-    this.attempts = 0;
-  }
-
-  duration() {
-    let ms = 500 * Math.pow(2, this.attempts++);
-    const rand = Math.random();
-    const deviation = Math.floor(rand * 0.5 * ms);
-    ms = (Math.floor(rand * 10) & 1) === 0 ? ms - deviation : ms + deviation;
-    return Math.min(ms, 5000) | 0;
-  }
-}
-
-function parseOffset(offset) {
-  const m = typeof offset === "string" ? /^(\d+)-(\d+)$/.exec(offset) : null;
-  return m ? [Number(m[1]), Number(m[2])] : null;
-}
-
-function compareOffsets(a, b) {
-  if (a === null) return b === null ? 0 : -1;
-  if (b === null) return 1;
-  const pa = parseOffset(a);
-  const pb = parseOffset(b);
-  return pa[0] - pb[0] || pa[1] - pb[1];
-}
-
-let target = null;
-if (config.kind === "lean") {
-  const base = new URL(config.url);
-  target = {
-    hostname: base.hostname,
-    port: Number(base.port || 80),
-    host: base.host,
-    path: "/socket.io/?EIO=4&transport=websocket",
-  };
-}
-
-class LeanMember extends FramedClient {
-  constructor(index) {
-    super(target, config.local_address || undefined);
-    this.tally = new Tally(index);
-    this.backoff = new Backoff();
-    this.entries = new Map(); // topic -> tidings.js's entry: last, pending, buffer, ...
-    this.acks = new Map(); // ack id -> {entry, since, attempt, timer}
-    this.nextId = 1;
-    this.live = false; // the namespace is connected
-    this.timer = null; // the connect timeout, or the reconnection delay
-    this.waiters = [];
-  }
-
-  subscribeAll() {
-    for (const topic of this.tally.topics) {
-      this.entries.set(topic, {
-        topic,
-        last: null,
-        pending: false,
-        attempt: 0,
-        buffer: [],
-        retries: 0,
-        established: false,
-      });
-    }
-    const done = new Promise((resolve) => this.waiters.push(resolve));
-    this.open();
-    return done;
-  }
-
-  open() {
-    this.start();
-    this.timer = setTimeout(() => this.drop("timeout"), CONNECT_TIMEOUT_MS);
-  }
-
-  isConnected() {
-    return this.live;
-  }
-
-  // -- the socket's and the protocol's events --
-
-  onUpgraded() {}
-
-  onRefused(head) {
-    this.drop(`refused ${head.slice(9, 12)}`);
-  }
-
-  onSocketError() {
-    this.drop("transport error");
-  }
-
-  onSocketClose() {
-    this.drop("transport close");
-  }
-
-  onFrame(text) {
-    const type = text.charCodeAt(0);
-    if (type === 50 /* 2: ping */) {
-      this.send("3");
-    } else if (type === 48 /* 0: open */) {
-      this.send("40");
-    } else if (type === 52 /* 4: message */) {
-      const sub = text.charCodeAt(1);
-      if (sub === 50 /* 2: event */) this.onEvent(text);
-      else if (sub === 51 /* 3: ack */) this.onAck(text);
-      else if (sub === 48 /* 0: namespace connected */) this.onConnect();
-      else if (sub === 49 /* 1: server disconnect */) this.onServerDisconnect();
-      else if (sub === 52 /* 4: connect error */) {
-        this.tally.refused = `connect_error ${text.slice(2, 80)}`;
-        this.giveUp();
-      }
-    }
-  }
-
-  onConnect() {
-    clearTimeout(this.timer);
-    this.live = true;
-    // socket.io-client resets its backoff once a (re)connection succeeds.
-    this.backoff.attempts = 0;
-    this.tally.connected();
-    for (const entry of this.entries.values()) this.sendSubscribe(entry);
-  }
-
-  onServerDisconnect() {
-    // tidings.js: the server closed the session on purpose; socket.io does
-    // not retry by itself, so tidings.js comes back after a fixed 1 s.
-    this.lose("io server disconnect");
-    this.closeSocket();
-    this.timer = setTimeout(() => {
-      if (!closing) this.open();
-    }, 1000);
-  }
-
-  // -- losing and reconnecting --
-
-  lose(reason) {
-    // A connection that was up; failed attempts are socket.io's connect_error.
-    if (this.live) this.tally.disconnected(reason);
-    this.live = false;
-    for (const entry of this.entries.values()) {
-      entry.pending = false;
-      entry.attempt++;
-    }
-    for (const pending of this.acks.values()) clearTimeout(pending.timer);
-    this.acks.clear();
-  }
-
-  closeSocket() {
-    const sock = this.sock;
-    this.sock = null;
-    this.opened = false;
-    if (sock) sock.destroy();
-  }
-
-  drop(reason) {
-    // A transport failure, a connect timeout or a dead ack: socket.io-client
-    // reconnects on its backoff.
-    if (closing || this.sock === null) return;
-    clearTimeout(this.timer);
-    this.lose(reason);
-    this.closeSocket();
-    this.timer = setTimeout(() => this.reconnect(), this.backoff.duration());
-  }
-
-  reconnect() {
-    if (closing) return;
-    this.tally.attempt();
-    this.open();
-  }
-
-  giveUp() {
-    clearTimeout(this.timer);
-    this.lose("refused");
-    this.closeSocket();
-    this.settle({ ok: false, error: this.tally.refused });
-  }
-
-  settle(ack) {
-    const waiters = this.waiters;
-    this.waiters = [];
-    for (const resolve of waiters) resolve([ack]);
-  }
-
-  // -- subscribing, as tidings.js does --
-
-  sendSubscribe(entry) {
-    const id = this.nextId++;
-    const attempt = ++entry.attempt;
-    const since = entry.last !== null ? entry.last : entry.established ? BEGINNING : null;
-    const payload = since !== null ? { topic: entry.topic, since } : { topic: entry.topic };
-    entry.pending = true;
-    const timer = setTimeout(() => {
-      // No answer on a connection that looks up: it is not; drop it.
-      if (this.acks.has(id)) this.drop("forced close");
-    }, ACK_TIMEOUT_MS);
-    this.acks.set(id, { entry, since, attempt, timer });
-    this.send(`42${id}${JSON.stringify(["subscribe", payload])}`);
-  }
-
-  onAck(text) {
-    let i = 2;
-    while (i < text.length && text.charCodeAt(i) >= 48 && text.charCodeAt(i) <= 57) i++;
-    const id = Number(text.slice(2, i));
-    const pending = this.acks.get(id);
-    if (pending === undefined) return;
-    this.acks.delete(id);
-    clearTimeout(pending.timer);
-    const { entry, since, attempt } = pending;
-    if (entry.attempt !== attempt) return; // stale
-    let ack;
-    try {
-      ack = JSON.parse(text.slice(i))[0] || {};
-    } catch {
-      ack = {};
-    }
-    const tally = this.tally;
-    tally.wire += (ack.publications || []).length;
-    const transient = ack.error === "unavailable" || (ack.error === "limit" && entry.established);
-    if (!ack.ok && transient) {
-      tally.retries++;
-      entry.retries++;
-      const delay = Math.min(15000, 1000 * Math.pow(2, entry.retries - 1));
-      setTimeout(
-        () => {
-          if (entry.attempt === attempt && this.live) this.sendSubscribe(entry);
-        },
-        delay * (0.75 + Math.random() / 2),
-      );
-      return;
-    }
-    const buffered = entry.buffer;
-    entry.buffer = [];
-    entry.pending = false;
-    entry.retries = 0;
-    if (!ack.ok) {
-      tally.refused = `${entry.topic}: ${ack.error}`;
-      this.settle(ack);
-      return;
-    }
-    if (since === null) {
-      entry.last = parseOffset(ack.offset) ? ack.offset : null;
-    } else if (ack.recovered === false) {
-      const latest = parseOffset(ack.offset) ? ack.offset : null;
-      const nothingNewer =
-        latest === null ? since === BEGINNING : compareOffsets(latest, since) <= 0;
-      if (!nothingNewer) {
-        entry.last = latest;
-        tally.gaps++;
-      }
-    } else {
-      this.deliver(entry, ack.publications || []);
-    }
-    this.deliver(entry, buffered);
-    entry.established = true;
-    tally.acknowledged(entry.topic, this.live);
-    if (this.waiters.length && [...this.entries.values()].every((e) => e.established)) {
-      this.settle({ ok: true });
-    }
-  }
-
-  onEvent(text) {
-    let message;
-    try {
-      message = JSON.parse(text.slice(2));
-    } catch {
-      return;
-    }
-    if (message[0] !== "publications" || !Array.isArray(message[1])) return;
-    this.tally.wire += message[1].length;
-    for (const pub of message[1]) {
-      const entry = pub && this.entries.get(pub.topic);
-      if (!entry) continue;
-      if (entry.pending) entry.buffer.push(pub);
-      else this.deliver(entry, [pub]);
-    }
-  }
-
-  deliver(entry, pubs) {
-    const fresh = [];
-    for (const pub of pubs) {
-      if (!pub || pub.topic !== entry.topic || !parseOffset(pub.offset)) continue;
-      if (compareOffsets(pub.offset, entry.last) <= 0) continue; // already delivered
-      fresh.push(pub);
-      entry.last = pub.offset;
-    }
-    if (fresh.length) this.tally.count(entry.topic, fresh);
-  }
-
-  close() {
-    clearTimeout(this.timer);
-    for (const pending of this.acks.values()) clearTimeout(pending.timer);
-    this.closeSocket();
-  }
-}
-
 // -- the initial connect: at most `inFlight` clients between start and their last ack --
 
-const Member = config.kind === "lean" ? LeanMember : BrowserMember;
 const members = [];
 let launched = 0;
 let ready = 0;

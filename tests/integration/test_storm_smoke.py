@@ -30,7 +30,7 @@ def test_a_tiny_storm_brings_every_client_back_with_nothing_lost(node: None) -> 
     storm = run(Sizes(**vars(QUICK)), log=lambda line: None)
     results = storm.results
     assert len(results) == QUICK.clients
-    assert {r.kind for r in results} == {"tidings.js", "lean", "python"}
+    assert {r.kind for r in results} == {"socket.io-client", "leanio", "python"}
     assert storm.all_back_s is not None and storm.forked_s is not None
     for r in results:
         assert r.disconnected_ms is not None and r.disconnected_ms >= storm.kill_ms, r
@@ -43,7 +43,7 @@ def test_a_tiny_storm_brings_every_client_back_with_nothing_lost(node: None) -> 
     own = sum(n for topic, n in storm.published.items() if topic != SHARED)
     assert sum(r.delivered for r in results) == len(results) * storm.published[SHARED] + own
     # Each kind's first attempts are spread out, not one instant for all.
-    for kind in ("tidings.js", "lean", "python"):
+    for kind in ("socket.io-client", "leanio", "python"):
         first = [r.attempts[0] - r.disconnected_ms for r in results if r.kind == kind]
         assert max(first) - min(first) > 50, (kind, first)
     lines, result = summary(storm)
