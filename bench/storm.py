@@ -459,7 +459,8 @@ class Storm:
     worker_cpu_s: float | None
     # CPU seconds from the kill until every client was back, by who spent them.
     cpu: dict[str, float]
-    load: str
+    # The machine's 1-minute load average just before the kill.
+    load_at_kill: float
 
 
 def _own_cpu(pid: int) -> float:
@@ -594,6 +595,7 @@ def run(
             if worker_cpu is not None:
                 # The master, and so the worker it forks next.
                 limits.enter_context(cpu_limited(master, worker_cpu))
+            load_at_kill = os.getloadavg()[0]
             kill_ms = now_ms()
             os.kill(worker.pid, signal.SIGKILL)
             log(f"SIGKILL to worker {worker.pid}; waiting for every client to come back")
@@ -635,7 +637,7 @@ def run(
             backlog=backlog or stack.settings.backlog,
             worker_cpu_s=cpu,
             cpu=spent,
-            load=" ".join(f"{x:.2f}" for x in os.getloadavg()),
+            load_at_kill=load_at_kill,
         )
 
 
@@ -693,7 +695,7 @@ def summary(storm: Storm) -> tuple[list[str], str]:
     verdict = "met" if ok else "**missed**"
     lines = [
         f"storm: {len(results):,} clients ({mix(kinds)}), each on 1 shared + 1 own topic, "
-        "one gunicorn worker SIGKILLed",
+        f"one gunicorn worker SIGKILLed (load average {storm.load_at_kill:.2f})",
         f"  new worker forked after {storm.forked_s:.2f} s"
         if storm.forked_s is not None
         else "  new worker: not seen",
@@ -785,7 +787,8 @@ def summary(storm: Storm) -> tuple[list[str], str]:
     cpu = storm.cpu
     result = (
         f"{len(results):,} clients ({mix(kinds)}) on one gunicorn worker, SIGKILLed under "
-        f"{sizes.shared_rate:g} + {sizes.own_rate:g} durable publications/s: "
+        f"{sizes.shared_rate:g} + {sizes.own_rate:g} durable publications/s, load average "
+        f"{storm.load_at_kill:.2f} at the kill: "
         + (
             f"**all back and resubscribed {max(back):.1f} s** after the kill "
             f"(p50 {quantile(back, 0.5):.1f} s, p99 {quantile(back, 0.99):.1f} s; "
