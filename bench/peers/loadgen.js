@@ -24,7 +24,7 @@
 "use strict";
 
 const fs = require("fs");
-const readline = require("readline");
+const { out, serve } = require("./lines.js");
 const { performance } = require("perf_hooks");
 const { FramedClient } = require("./wsframe.js");
 
@@ -47,10 +47,6 @@ const target = {
 
 const origin = performance.timeOrigin;
 const now = () => origin + performance.now();
-
-function out(event) {
-  process.stdout.write(JSON.stringify(event) + "\n");
-}
 
 // -- what was received -------------------------------------------------------
 
@@ -337,49 +333,36 @@ function report(expected, latfile) {
   });
 }
 
-const input = readline.createInterface({ input: process.stdin });
-input.on("line", (line) => {
-  if (!line.trim()) return;
-  const command = JSON.parse(line);
-  switch (command.cmd) {
-    case "stat":
-      out({
-        event: "stat",
-        received,
-        events,
-        last_ms: lastMs,
-        open,
-        ready,
-        failed,
-        unexpected_closes: unexpectedCloses,
-      });
-      break;
-    case "reset":
-      for (const client of clients) client.seen.clear();
-      nLatencies = 0;
-      received = 0;
-      events = 0;
-      firstMs = 0;
-      lastMs = 0;
-      stray = 0;
-      out({ event: "reset" });
-      break;
-    case "report":
-      report(command.expected || {}, command.latfile);
-      break;
-    case "close":
-      closing = true;
-      for (const client of clients) {
-        if (client.sock) client.sock.destroy();
-      }
-      out({ event: "closed" });
-      setTimeout(() => process.exit(0), 10);
-      break;
-    default:
-      out({ event: "error", message: `unknown command ${command.cmd}` });
-  }
+serve({
+  stat: () =>
+    out({
+      event: "stat",
+      received,
+      events,
+      last_ms: lastMs,
+      open,
+      ready,
+      failed,
+      unexpected_closes: unexpectedCloses,
+    }),
+  reset: () => {
+    for (const client of clients) client.seen.clear();
+    nLatencies = 0;
+    received = 0;
+    events = 0;
+    firstMs = 0;
+    lastMs = 0;
+    stray = 0;
+    out({ event: "reset" });
+  },
+  report: (command) => report(command.expected || {}, command.latfile),
+  close: () => {
+    closing = true;
+    for (const client of clients) {
+      if (client.sock) client.sock.destroy();
+    }
+  },
 });
-input.on("close", () => process.exit(0));
 
 if (count === 0) settle();
 else launch();

@@ -28,14 +28,10 @@
 //   {"cmd": "close"}                 -> {"event": "closed"}, then the process exits
 "use strict";
 
-const readline = require("readline");
+const { out, serve } = require("./lines.js");
 
 const config = JSON.parse(process.argv[2]);
 const inFlight = config.concurrency || 50;
-
-function out(event) {
-  process.stdout.write(JSON.stringify(event) + "\n");
-}
 
 const errors = [];
 function noteError(message) {
@@ -44,7 +40,6 @@ function noteError(message) {
 
 let markMs = Infinity; // events before the kill's mark are the initial connect's
 let delivered = 0;
-let closing = false;
 
 // -- what one client saw, whichever kind ---------------------------------------
 
@@ -257,41 +252,28 @@ function launch() {
 
 // -- commands ----------------------------------------------------------------
 
-const input = readline.createInterface({ input: process.stdin });
-input.on("line", (line) => {
-  if (!line.trim()) return;
-  const command = JSON.parse(line);
-  switch (command.cmd) {
-    case "mark":
-      markMs = command.at_ms;
-      out({ event: "marked" });
-      break;
-    case "stat": {
-      let back = 0;
-      for (const member of members) {
-        if (member.tally.disconnects.length && member.tally.back(member.isConnected())) back++;
-      }
-      out({ event: "stat", back, delivered });
-      break;
+serve({
+  mark: (command) => {
+    markMs = command.at_ms;
+    out({ event: "marked" });
+  },
+  stat: () => {
+    let back = 0;
+    for (const member of members) {
+      if (member.tally.disconnects.length && member.tally.back(member.isConnected())) back++;
     }
-    case "report":
-      out({
-        event: "report",
-        clients: members.map((m) => m.tally.report(command.expected || {}, m.isConnected())),
-        errors,
-      });
-      break;
-    case "close":
-      closing = true;
-      for (const member of members) member.close();
-      out({ event: "closed" });
-      setTimeout(() => process.exit(0), 10);
-      break;
-    default:
-      out({ event: "error", message: `unknown command ${command.cmd}` });
-  }
+    out({ event: "stat", back, delivered });
+  },
+  report: (command) =>
+    out({
+      event: "report",
+      clients: members.map((m) => m.tally.report(command.expected || {}, m.isConnected())),
+      errors,
+    }),
+  close: () => {
+    for (const member of members) member.close();
+  },
 });
-input.on("close", () => process.exit(0));
 
 if (config.count === 0) out({ event: "ready", ready: 0, failed: 0, errors });
 else launch();

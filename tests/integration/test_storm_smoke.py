@@ -1,29 +1,18 @@
 """The reconnect-storm benchmark runs end to end at a tiny size (`bench.storm`, `--quick`).
 
 A smoke test of bench/storm.py, not a benchmark: it asserts that every
-client, of both kinds, was cut by the kill, came back on a jittered backoff
+client, of each kind, was cut by the kill, came back on a jittered backoff
 and resubscribed, and that every durable publication reached every client
 exactly once, in order; never how fast. Needs Node.js (bench/peers/).
 """
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 
 from bench.storm import QUICK, SHARED, Sizes, run, summary
-from tests.support import IN_CI
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def node() -> None:
-    if shutil.which("node") is None or shutil.which("npm") is None:
-        if IN_CI:
-            pytest.fail("the storm's browser clients need node and npm")
-        pytest.skip("no node/npm: the storm's browser clients need them")
 
 
 def test_a_tiny_storm_brings_every_client_back_with_nothing_lost(node: None) -> None:
