@@ -12,8 +12,8 @@ leanio.js, the same reconnection on a hand-framed websocket (socket.io-client
 in Node costs so much CPU per reconnection that 5,000 of them, on the
 server's two cores, came back seconds late by their own fault). P are the
 Python client (`tidings.client`) in this process. Durable publications go
-out at a steady rate for the whole run.
-After a warm-up the gunicorn worker (not the master) is SIGKILLed; gunicorn
+out at a steady rate for the whole run. After a warm-up the gunicorn
+worker (not the master) is SIGKILLed; gunicorn
 forks a new one, and every client reconnects on its own backoff and
 resubscribes with `since`. Measured:
 
@@ -26,10 +26,13 @@ resubscribes with `since`. Measured:
 - the kernel's side: the listening socket's accept queue (its length and
   its peak during the storm, as `ss -ltn` shows them) and TcpExt
   ListenOverflows / ListenDrops before and after (counters of the whole
-  host, other sockets included).
+  host, other sockets included);
+- CPU seconds from the kill until all were back, by process, and what the
+  rest of the (shared) machine took meanwhile.
 
 The result goes to bench/RESULTS.md's "Separate measurements" (`--no-record`:
-printed only). The machine's sysctls are read, never changed.
+printed only; never with --quick, --backlog, --worker-cpu or --profile).
+The machine's sysctls are read, never changed.
 """
 
 from __future__ import annotations
@@ -526,6 +529,8 @@ CGROUP_CPU = Path("/sys/fs/cgroup/cpu")  # cgroup v1's cpu controller
 @contextlib.contextmanager
 def cpu_limited(pid: int, fraction: float) -> Iterator[None]:
     """Hold `pid`, and what it forks from now on, to `fraction` of one core (cgroup v1 cpu)."""
+    if not (CGROUP_CPU / "cgroup.procs").is_file():
+        raise RuntimeError(f"--worker-cpu needs cgroup v1's cpu controller at {CGROUP_CPU}")
     group = CGROUP_CPU / f"tidings-storm-{os.getpid()}"
     group.mkdir()
     try:
