@@ -42,6 +42,17 @@ workers = _settings.web_concurrency
 # Default 1000 refuses the 1,001st websocket; each is one greenlet and one
 # file descriptor (the open-files limit bounds it too).
 worker_connections = _settings.worker_connections
+# The accept queue must hold a reconnect storm: after a worker dies, or the
+# whole tier restarts, every client comes back within its first jittered
+# retry (under a second), before a new worker has booted and accepts
+# (bench/storm.py: 3,700 of 5,000 queued at once). A connection past the
+# queue is dropped, and its client's TCP tries again only after 1 s, 3 s,
+# 7 s... (gunicorn's default 2048 dropped 2,043 of them). So: room for every
+# connection this host allows (workers x worker_connections), never less
+# than 2048. The kernel silently caps it at net.core.somaxconn (4096 on
+# Linux >= 5.4, 128 before); `flask --app webapp doctor` warns when that is
+# too small.
+backlog = _settings.backlog
 
 # Never import the app in the master: it would run unpatched and its Redis
 # connections and greenlets would be copied into every worker.

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from subprocess import PIPE, Popen
-from typing import Any
+from typing import Any, Self
 
 import redis
 from hiredis import pack_command
@@ -60,7 +60,89 @@ class Delivery:
         return ordered[rank]
 
 
-class Generators:
+class NodeProcesses:
+    """Node processes of bench/peers, each driven by JSON lines: commands in, events out."""
+
+    def __init__(self, script: str, configs: list[dict[str, Any]], *, workdir: Path) -> None:
+        node = node_binary()
+        if node is None:
+            raise LoadError("node not found: the load generator needs Node.js")
+        self.workdir = workdir
+        self.name = Path(script).stem
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.procs: list[Popen] = []
+        for index, config in enumerate(configs):
+            with open(workdir / f"{self.name}{index}.err", "ab") as errors:
+                self.procs.append(
+                    Popen(
+                        # BENCH_LOADGEN_NODE_ARGS: e.g. --cpu-prof, to profile the generator.
+                        [
+                            node,
+                            *os.environ.get("BENCH_LOADGEN_NODE_ARGS", "").split(),
+                            str(PEERS / script),
+                            json.dumps(config),
+                        ],
+                        cwd=workdir,
+                        stdin=PIPE,
+                        stdout=PIPE,
+                        stderr=errors,
+                        text=True,
+                        bufsize=1,
+                    )
+                )
+
+    # -- the line protocol ------------------------------------------------------
+
+    def _read(self, proc: Popen, event: str) -> dict[str, Any]:
+        assert proc.stdout is not None
+        while True:
+            line = proc.stdout.readline()
+            if not line:
+                logs = self.workdir / f"{self.name}*.err"
+                raise LoadError(f"a {self.name} process exited (see {logs})")
+            message = json.loads(line)
+            if message.get("event") == event:
+                return message
+
+    def _ask(self, command: dict[str, Any], event: str) -> list[dict[str, Any]]:
+        line = json.dumps(command) + "\n"
+        for proc in self.procs:
+            assert proc.stdin is not None
+            proc.stdin.write(line)
+            proc.stdin.flush()
+        return [self._read(proc, event) for proc in self.procs]
+
+    def cpu(self) -> float:
+        """CPU seconds the processes used so far."""
+        return cpu_seconds(proc.pid for proc in self.procs if proc.poll() is None)
+
+    def close(self) -> None:
+        """Close every client and end the processes."""
+        for proc in self.procs:
+            try:
+                assert proc.stdin is not None
+                proc.stdin.write(json.dumps({"cmd": "close"}) + "\n")
+                proc.stdin.flush()
+            except (BrokenPipeError, OSError):
+                pass
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=10)
+            except Exception:
+                proc.kill()
+                proc.wait()
+            for stream in (proc.stdin, proc.stdout, proc.stderr):
+                if stream is not None:
+                    stream.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+class Generators(NodeProcesses):
     """Several loadgen.js processes sharing `clients` connections to one system."""
 
     def __init__(
@@ -76,72 +158,29 @@ class Generators:
         trace: bool = False,
         workdir: Path,
     ) -> None:
-        node = node_binary()
-        if node is None:
-            raise LoadError("node not found: the load generator needs Node.js")
         self.clients = clients
-        self.workdir = workdir
         # Subscribes the server answered `unavailable` (the generator retries them).
         self.subscribe_retries = 0
-        workdir.mkdir(parents=True, exist_ok=True)
         processes = max(1, min(processes, clients or 1))
         share, extra = divmod(clients, processes)
-        self.procs: list[Popen] = []
+        configs = []
         first = 0
         for index in range(processes):
             count = share + (1 if index < extra else 0)
-            config = {
-                "url": url,
-                "count": count,
-                "first": first,
-                "topics": topics,
-                "own_prefix": own_prefix,
-                "concurrency": concurrency,
-                "local_address": local_address,
-                "trace": trace,
-            }
-            first += count
-            with open(workdir / f"loadgen{index}.err", "ab") as errors:
-                self._spawn(node, config, errors)
-
-    def _spawn(self, node: str, config: dict[str, Any], errors: Any) -> None:
-        self.procs.append(
-            Popen(
-                # BENCH_LOADGEN_NODE_ARGS: e.g. --cpu-prof, to profile the generator.
-                [
-                    node,
-                    *os.environ.get("BENCH_LOADGEN_NODE_ARGS", "").split(),
-                    str(PEERS / "loadgen.js"),
-                    json.dumps(config),
-                ],
-                cwd=self.workdir,
-                stdin=PIPE,
-                stdout=PIPE,
-                stderr=errors,
-                text=True,
-                bufsize=1,
+            configs.append(
+                {
+                    "url": url,
+                    "count": count,
+                    "first": first,
+                    "topics": topics,
+                    "own_prefix": own_prefix,
+                    "concurrency": concurrency,
+                    "local_address": local_address,
+                    "trace": trace,
+                }
             )
-        )
-
-    # -- the line protocol ------------------------------------------------------
-
-    def _read(self, proc: Popen, event: str) -> dict[str, Any]:
-        assert proc.stdout is not None
-        while True:
-            line = proc.stdout.readline()
-            if not line:
-                raise LoadError(f"a load generator exited (see {self.workdir}/loadgen*.err)")
-            message = json.loads(line)
-            if message.get("event") == event:
-                return message
-
-    def _ask(self, command: dict[str, Any], event: str) -> list[dict[str, Any]]:
-        line = json.dumps(command) + "\n"
-        for proc in self.procs:
-            assert proc.stdin is not None
-            proc.stdin.write(line)
-            proc.stdin.flush()
-        return [self._read(proc, event) for proc in self.procs]
+            first += count
+        super().__init__("loadgen.js", configs, workdir=workdir)
 
     # -- what the harness uses ---------------------------------------------------
 
@@ -215,35 +254,6 @@ class Generators:
                 result.sequence.extend(chunk)
                 numbers.unlink()
         return result
-
-    def cpu(self) -> float:
-        """CPU seconds the generator processes used so far."""
-        return cpu_seconds(proc.pid for proc in self.procs if proc.poll() is None)
-
-    def close(self) -> None:
-        """Close every client and end the processes."""
-        for proc in self.procs:
-            try:
-                assert proc.stdin is not None
-                proc.stdin.write(json.dumps({"cmd": "close"}) + "\n")
-                proc.stdin.flush()
-            except (BrokenPipeError, OSError):
-                pass
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=10)
-            except Exception:
-                proc.kill()
-                proc.wait()
-            for stream in (proc.stdin, proc.stdout, proc.stderr):
-                if stream is not None:
-                    stream.close()
-
-    def __enter__(self) -> Generators:
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.close()
 
 
 class Publisher:

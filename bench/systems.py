@@ -34,12 +34,12 @@ PEERS = ROOT / "bench" / "peers"
 
 
 @contextmanager
-def small_stack(prefix: str) -> Iterator[Stack]:
+def small_stack(prefix: str, **env: str) -> Iterator[Stack]:
     """One Celery worker and one web worker on a Redis of their own, ready; stopped after."""
     directory = Path(tempfile.mkdtemp(prefix=prefix))
     server = RedisServer(directory / "redis")
     server.start()
-    stack = Stack(server, directory)
+    stack = Stack(server, directory, **env)
     try:
         stack.start_worker()
         stack.start_web()

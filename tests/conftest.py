@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import redis
 
-from tests.support import RedisServer, Stack
+from tests.support import IN_CI, RedisServer, Stack
 from tidings.settings import Settings
 
 
@@ -81,3 +82,12 @@ def stack(make_stack: Callable[..., Stack]) -> Stack:
     running.start_web()
     running.wait_ready()
     return running
+
+
+@pytest.fixture
+def node() -> None:
+    """Node.js and npm, which the benchmarks' clients (bench/peers/) need; skip without."""
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        if IN_CI:
+            pytest.fail("the benchmarks' clients (bench/peers/) need node and npm")
+        pytest.skip("no node/npm: the benchmarks' clients (bench/peers/) need them")

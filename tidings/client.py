@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import socket
 import threading
 import time
@@ -29,6 +30,18 @@ Handler = Callable[[dict[str, Any]], None]
 
 # Resubscribe answers that are asked again after a backoff.
 RETRIED_ERRORS = ("unavailable", "limit")
+# Resubscribe retries wait 50 ms, doubling up to 2 s, each drawn from 50% to
+# 150% of its step: clients refused together (a worker that is not yet
+# subscribed to its queue answers all of them `unavailable` at once) must not
+# all ask again together.
+RESUBSCRIBE_DELAY = 0.05
+RESUBSCRIBE_DELAY_MAX = 2.0
+
+
+def resubscribe_delay(attempt: int) -> float:
+    """Seconds before resubscribe retry `attempt` (0, 1, ...): doubling, capped, jittered."""
+    step = min(RESUBSCRIBE_DELAY * 2**attempt, RESUBSCRIBE_DELAY_MAX)
+    return step * random.uniform(0.5, 1.5)
 
 
 class _InOrderEngineIO(engineio.Client):
@@ -106,6 +119,10 @@ class TidingsClient:
             reconnection=True,
             reconnection_delay=reconnection_delay,
             reconnection_delay_max=1,
+            # python-socketio adds +-randomization_factor *seconds* to each
+            # delay (not a fraction of it): with the default delays the first
+            # attempt comes 0-0.4 s after a drop, later ones every 0.8-1.2 s,
+            # so the clients of a dead worker do not all come back at once.
             randomization_factor=0.2,
             **client_options,
         )
@@ -174,7 +191,7 @@ class TidingsClient:
         with self._lock:
             topics = list(self._topics)
         for topic in topics:
-            delay = 0.05
+            attempt = 0
             # Until it takes: a resubscribe that times out or finds Redis
             # unavailable would otherwise leave the topic silent on a live
             # connection. Subscribing twice is harmless (offsets de-duplicate).
@@ -202,8 +219,8 @@ class TidingsClient:
                     return
                 except (socketio.exceptions.SocketIOError, OSError) as exc:
                     log.warning("resubscribe %s failed (%s); retrying", topic, exc)
-                time.sleep(delay)  # backoff before the next attempt
-                delay = min(delay * 2, 2.0)
+                time.sleep(resubscribe_delay(attempt))  # backoff before the next attempt
+                attempt += 1
 
     def _break_transport(self) -> None:
         """Drop the websocket as a network failure would: the client then reconnects."""

@@ -14,6 +14,8 @@ SENTINEL_SCHEME = "redis+sentinel"
 REDIS_SCHEMES = ("redis", "rediss", "unix", SENTINEL_SCHEME)
 # kombu's (Celery's broker) spelling: sentinel://host1:port1;sentinel://host2:port2
 BROKER_SENTINEL_SCHEME = "sentinel"
+# gunicorn's default listen() backlog.
+GUNICORN_BACKLOG = 2048
 
 
 class ConfigError(ValueError):
@@ -71,6 +73,13 @@ class Settings:
     webhook_secret: str | None = None
     webhook_max_attempts: int = 10
     webhook_timeout: int = 5
+
+    @property
+    def backlog(self) -> int:
+        """gunicorn's listen() backlog: room for every connection of this host at once."""
+        # A reconnect storm brings every client back before a new worker
+        # accepts (gunicorn.conf.py says why); never below gunicorn's 2048.
+        return max(GUNICORN_BACKLOG, self.web_concurrency * self.worker_connections)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:

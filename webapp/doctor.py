@@ -19,6 +19,11 @@ deployments before:
 - gunicorn: the settings of gunicorn.conf.py that break Socket.IO
   (preload_app, several workers with polling clients, too few
   worker_connections, a worker class that is not gevent's websocket one);
+- accept_queue: whether the listening socket's accept queue,
+  min(backlog, net.core.somaxconn), holds a reconnect storm: every client
+  of this host (workers x worker_connections, or --expected-clients) back
+  at once, before a new worker accepts; and whether the kernel dropped
+  connections at a full accept queue while the doctor ran;
 - probe: a durable and a fast publication on a probe topic, through the
   listener and the web tier, to a real Socket.IO client, with latencies.
 
@@ -62,6 +67,14 @@ from tidings.keys import (
     topic_channel,
 )
 from tidings.lease import current_holder
+from tidings.listenqueue import (
+    KernelLimits,
+    ListenCounters,
+    ListeningSocket,
+    kernel_limits,
+    listen_counters,
+    listening_socket,
+)
 from tidings.publishing import publish
 from tidings.settings import Settings
 from tidings.stats import ingest_backlog, read_listener, read_webs
@@ -445,6 +458,8 @@ def check_gunicorn(path: Path | None, options: Options) -> tuple[Check, int | No
         "workers": cfg.workers,
         "worker_connections": cfg.worker_connections,
         "preload_app": cfg.preload_app,
+        "backlog": cfg.backlog,
+        "bind": list(cfg.bind),
     }
     failures: list[str] = []
     warnings: list[str] = []
@@ -503,6 +518,123 @@ def check_gunicorn(path: Path | None, options: Options) -> tuple[Check, int | No
         details["problems"] = warnings
         return Check("gunicorn", WARN, line + ": " + "; ".join(warnings), details), cfg.workers
     return Check("gunicorn", OK, line, details), cfg.workers
+
+
+# -- the accept queue ---------------------------------------------------------------------
+
+
+def _bind_port(binds: list[str]) -> int | None:
+    """The TCP port of gunicorn's first `host:port` bind (None for unix sockets)."""
+    for bind in binds:
+        _, sep, port = bind.rpartition(":")
+        if sep and port.isdigit() and not bind.startswith(("unix:", "fd://")):
+            return int(port)
+    return None
+
+
+def accept_queue_problems(
+    *,
+    storm: int,
+    backlog: int,
+    limits: KernelLimits,
+    live: ListeningSocket | None,
+    overflowed: int | None,
+) -> tuple[int, list[str]]:
+    """Return the accept queue's length and what is wrong with it for a storm of `storm` clients.
+
+    The rule: a reconnect storm brings every client back within its first
+    jittered retry, under a second, while a new worker is still booting, so
+    the whole storm waits in the accept queue at once (bench/storm.py
+    measured it: every client was queued at the peak). A connection past the
+    queue is dropped and comes back only with TCP's SYN retries (1 s, 3 s,
+    7 s...). So the queue, min(backlog, net.core.somaxconn), must hold them
+    all. The SYN queue matters only with syncookies off: then new peers'
+    SYNs are dropped once it is 3/4 full (tcp_max_syn_backlog).
+    """
+    configured = min(backlog, limits.somaxconn)
+    problems = []
+    # The running socket's queue was fixed when it started listening; the
+    # configured one is what the next start gets. Both must hold the storm.
+    length = configured
+    if live is not None and live.limit != configured:
+        problems.append(
+            f"the running gunicorn listens with an accept queue of {live.limit}, the "
+            f"settings now give {configured}: restart it to apply them"
+        )
+        length = min(configured, live.limit)
+    if length < storm:
+        fixes = []
+        if limits.somaxconn < storm:
+            fixes.append(
+                f"raise net.core.somaxconn to at least {storm} "
+                f"(sysctl -w net.core.somaxconn={storm}; keep it in /etc/sysctl.d/)"
+            )
+        if backlog < storm:
+            fixes.append(f"set gunicorn's backlog to at least {storm}")
+        if configured >= storm:
+            fixes.append("restart gunicorn")
+        problems.append(
+            f"accept queue {length} (min(backlog {backlog}, net.core.somaxconn "
+            f"{limits.somaxconn})"
+            + (f", {live.limit} listening now" if live is not None else "")
+            + f") < {storm} clients a reconnect storm brings back at once: the rest are "
+            "dropped and wait for TCP's SYN retries (1 s, 3 s, 7 s...): " + " and ".join(fixes)
+        )
+    if limits.syncookies == 0 and limits.max_syn_backlog * 3 // 4 < storm:
+        problems.append(
+            f"tcp_syncookies off and tcp_max_syn_backlog {limits.max_syn_backlog}: past "
+            f"{limits.max_syn_backlog * 3 // 4} half-open connections, new peers' SYNs are "
+            "dropped during a storm (turn syncookies on, or raise tcp_max_syn_backlog)"
+        )
+    if overflowed:
+        problems.append(
+            f"the kernel dropped {overflowed} connection(s) at a full accept queue while "
+            "this check ran (ListenOverflows, any listening socket on this host)"
+        )
+    return length, problems
+
+
+def check_accept_queue(gunicorn: Check, options: Options, before: ListenCounters | None) -> Check:
+    """Whether the listening socket's accept queue holds a reconnect storm; overflows seen."""
+    limits = kernel_limits()
+    if limits is None:
+        return Check("accept_queue", SKIP, "skipped: no /proc/sys/net (not Linux)")
+    found = gunicorn.details
+    if "backlog" not in found:
+        return Check("accept_queue", SKIP, "skipped: gunicorn's config could not be read")
+    storm = options.expected_clients or found["workers"] * found["worker_connections"]
+    port = _bind_port(found["bind"])
+    live = listening_socket(port) if port is not None else None
+    after = listen_counters()
+    overflowed = None if before is None or after is None else (after - before).overflows
+    length, problems = accept_queue_problems(
+        storm=storm, backlog=found["backlog"], limits=limits, live=live, overflowed=overflowed
+    )
+    details: dict[str, Any] = {
+        "storm": storm,
+        "backlog": found["backlog"],
+        **asdict(limits),
+        "accept_queue": length,
+        "live": None if live is None else asdict(live),
+        "listen_overflows": None if after is None else after.overflows,
+        "listen_drops": None if after is None else after.drops,
+        "overflowed_during_check": overflowed,
+    }
+    since_boot = (
+        f"; ListenOverflows {after.overflows}, ListenDrops {after.drops} since boot"
+        if after is not None
+        else ""
+    )
+    if problems:
+        details["problems"] = problems
+        return Check("accept_queue", WARN, "; ".join(problems) + since_boot, details)
+    source = f"listening on :{port}" if live is not None else "min(backlog, net.core.somaxconn)"
+    return Check(
+        "accept_queue",
+        OK,
+        f"accept queue {length} ({source}) holds a reconnect storm of {storm} clients" + since_boot,
+        details,
+    )
 
 
 # -- the end-to-end probe -------------------------------------------------------------
@@ -630,6 +762,7 @@ def _safe_url(url: str) -> str:
 
 def run_checks(client: redis.Redis, settings: Settings, options: Options) -> list[Check]:
     """Run every check in order; a check that cannot run says so instead of raising."""
+    listen_before = listen_counters()
     gunicorn_check, gunicorn_workers = check_gunicorn(options.gunicorn_config, options)
     redis_check = check_redis(client)
     checks = [redis_check]
@@ -657,6 +790,8 @@ def run_checks(client: redis.Redis, settings: Settings, options: Options) -> lis
         checks.append(Check("probe", SKIP, "skipped: Redis unreachable"))
     else:
         checks.append(check_probe(client, settings, options, topic, needs_token))
+    # Last: overflows during the whole run, probe included, count.
+    checks.append(check_accept_queue(gunicorn_check, options, listen_before))
     return checks
 
 

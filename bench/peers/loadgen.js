@@ -1,8 +1,6 @@
 // One load-generator process of the Tidings benchmark: N Socket.IO clients
 // speaking Engine.IO v4 / Socket.IO v5 over websocket, framed by hand on plain
-// TCP sockets (no socket.io-client, not even `ws`: frames are parsed in one
-// loop over each received chunk, which costs several times less per message,
-// so the generator is not what limits the servers).
+// TCP sockets (wsframe.js: no socket.io-client, not even `ws`).
 //
 //   node loadgen.js '{"url": "http://127.0.0.1:8000", "count": 100, "first": 0,
 //                     "topics": ["public.bench"], "own_prefix": null}'
@@ -26,10 +24,9 @@
 "use strict";
 
 const fs = require("fs");
-const readline = require("readline");
+const { out, serve } = require("./lines.js");
 const { performance } = require("perf_hooks");
-const crypto = require("crypto");
-const net = require("net");
+const { FramedClient } = require("./wsframe.js");
 
 const config = JSON.parse(process.argv[2]);
 const count = config.count;
@@ -50,10 +47,6 @@ const target = {
 
 const origin = performance.timeOrigin;
 const now = () => origin + performance.now();
-
-function out(event) {
-  process.stdout.write(JSON.stringify(event) + "\n");
-}
 
 // -- what was received -------------------------------------------------------
 
@@ -103,46 +96,39 @@ function noteError(message) {
   if (errors.length < 5) errors.push(message);
 }
 
-class Client {
+class Client extends FramedClient {
   constructor(index) {
+    super(target, localAddress);
     this.index = index;
     this.topics = ownPrefix ? [...shared, ownPrefix + index] : [...shared];
     this.seen = new Map(); // topic -> array of counts by n
     this.pendingAcks = 0;
     this.state = "connecting";
-    this.sock = null;
-    this.opened = false;
-    this.pending = null;
-    this.fragments = null;
     this.retries = 0;
   }
 
-  start() {
-    const sock = net.connect({ host: target.hostname, port: target.port, localAddress });
-    this.sock = sock;
-    sock.setNoDelay(true);
-    sock.on("connect", () => {
-      const key = crypto.randomBytes(16).toString("base64");
-      sock.write(
-        `GET ${target.path} HTTP/1.1\r\nHost: ${target.host}\r\nUpgrade: websocket\r\n` +
-          `Connection: Upgrade\r\nSec-WebSocket-Key: ${key}\r\n` +
-          "Sec-WebSocket-Version: 13\r\n\r\n",
-      );
-    });
-    sock.on("data", (chunk) => this.onData(chunk));
-    sock.on("error", (err) => {
-      noteError(`client ${this.index}: ${err.message}`);
+  onUpgraded() {
+    open++;
+  }
+
+  onRefused(head) {
+    noteError(`client ${this.index}: upgrade refused: ${head}`);
+    this.fail();
+  }
+
+  onSocketError(err) {
+    noteError(`client ${this.index}: ${err.message}`);
+    this.fail();
+  }
+
+  onSocketClose() {
+    if (this.opened) open--;
+    this.opened = false;
+    if (!closing) {
+      if (this.state === "ready") unexpectedCloses++;
       this.fail();
-    });
-    sock.on("close", () => {
-      if (this.opened) open--;
-      this.opened = false;
-      if (!closing) {
-        if (this.state === "ready") unexpectedCloses++;
-        this.fail();
-      }
-      this.state = "closed";
-    });
+    }
+    this.state = "closed";
   }
 
   fail() {
@@ -152,90 +138,6 @@ class Client {
       settle();
     }
     if (this.sock && !closing) this.sock.destroy();
-  }
-
-  // -- a minimal websocket client: frames parsed straight off the TCP stream --
-
-  onData(chunk) {
-    let buf = this.pending === null ? chunk : Buffer.concat([this.pending, chunk]);
-    this.pending = null;
-    let pos = 0;
-    if (!this.opened) {
-      const end = buf.indexOf("\r\n\r\n");
-      if (end < 0) {
-        this.pending = buf;
-        return;
-      }
-      if (buf.toString("latin1", 0, 12) !== "HTTP/1.1 101") {
-        noteError(`client ${this.index}: upgrade refused: ${buf.toString("latin1", 0, 60)}`);
-        this.fail();
-        return;
-      }
-      this.opened = true;
-      open++;
-      pos = end + 4;
-    }
-    const length = buf.length;
-    while (pos + 2 <= length) {
-      const b0 = buf[pos];
-      const b1 = buf[pos + 1];
-      let size = b1 & 0x7f;
-      let head = 2;
-      if (size === 126) {
-        if (pos + 4 > length) break;
-        size = buf.readUInt16BE(pos + 2);
-        head = 4;
-      } else if (size === 127) {
-        if (pos + 10 > length) break;
-        size = buf.readUInt32BE(pos + 2) * 4294967296 + buf.readUInt32BE(pos + 6);
-        head = 10;
-      }
-      if (b1 & 0x80) head += 4; // servers never mask; tolerate it anyway
-      if (pos + head + size > length) break;
-      const start = pos + head;
-      pos = start + size;
-      const opcode = b0 & 0x0f;
-      const fin = (b0 & 0x80) !== 0;
-      if (opcode === 1 || (opcode === 0 && this.fragments !== null)) {
-        if (!fin || this.fragments !== null) {
-          (this.fragments ??= []).push(buf.subarray(start, pos));
-          if (fin) {
-            const whole = Buffer.concat(this.fragments);
-            this.fragments = null;
-            this.onFrame(whole.toString("utf8"));
-          }
-        } else {
-          this.onFrame(buf.toString("utf8", start, pos));
-        }
-      } else if (opcode === 9) {
-        this.sendFrame(0x8a, buf.subarray(start, pos));
-      } else if (opcode === 8) {
-        this.sock.end();
-      }
-    }
-    if (pos < length) this.pending = buf.subarray(pos);
-  }
-
-  sendFrame(first, payload) {
-    const size = payload.length;
-    const head = size < 126 ? 6 : 8;
-    const frame = Buffer.allocUnsafe(head + size);
-    frame[0] = first;
-    if (size < 126) {
-      frame[1] = 0x80 | size;
-    } else {
-      frame[1] = 0x80 | 126;
-      frame.writeUInt16BE(size, 2);
-    }
-    // A zero masking key: the frame is masked as the protocol requires, and
-    // the payload needs no XOR.
-    frame.writeUInt32BE(0, head - 4);
-    payload.copy(frame, head);
-    this.sock.write(frame);
-  }
-
-  send(text) {
-    if (this.opened && !this.sock.destroyed) this.sendFrame(0x81, Buffer.from(text));
   }
 
   onFrame(text) {
@@ -431,49 +333,36 @@ function report(expected, latfile) {
   });
 }
 
-const input = readline.createInterface({ input: process.stdin });
-input.on("line", (line) => {
-  if (!line.trim()) return;
-  const command = JSON.parse(line);
-  switch (command.cmd) {
-    case "stat":
-      out({
-        event: "stat",
-        received,
-        events,
-        last_ms: lastMs,
-        open,
-        ready,
-        failed,
-        unexpected_closes: unexpectedCloses,
-      });
-      break;
-    case "reset":
-      for (const client of clients) client.seen.clear();
-      nLatencies = 0;
-      received = 0;
-      events = 0;
-      firstMs = 0;
-      lastMs = 0;
-      stray = 0;
-      out({ event: "reset" });
-      break;
-    case "report":
-      report(command.expected || {}, command.latfile);
-      break;
-    case "close":
-      closing = true;
-      for (const client of clients) {
-        if (client.sock) client.sock.destroy();
-      }
-      out({ event: "closed" });
-      setTimeout(() => process.exit(0), 10);
-      break;
-    default:
-      out({ event: "error", message: `unknown command ${command.cmd}` });
-  }
+serve({
+  stat: () =>
+    out({
+      event: "stat",
+      received,
+      events,
+      last_ms: lastMs,
+      open,
+      ready,
+      failed,
+      unexpected_closes: unexpectedCloses,
+    }),
+  reset: () => {
+    for (const client of clients) client.seen.clear();
+    nLatencies = 0;
+    received = 0;
+    events = 0;
+    firstMs = 0;
+    lastMs = 0;
+    stray = 0;
+    out({ event: "reset" });
+  },
+  report: (command) => report(command.expected || {}, command.latfile),
+  close: () => {
+    closing = true;
+    for (const client of clients) {
+      if (client.sock) client.sock.destroy();
+    }
+  },
 });
-input.on("close", () => process.exit(0));
 
 if (count === 0) settle();
 else launch();

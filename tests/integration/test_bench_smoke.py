@@ -8,7 +8,6 @@ never how fast. It needs Node.js for the load generator (`bench/peers/`).
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from bench.report import record_separate
-from tests.support import IN_CI, ROOT
+from tests.support import ROOT
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -47,14 +46,6 @@ TINY = {
     "scale_rate": 40,
     "scale_seconds": 1,
 }
-
-
-@pytest.fixture
-def node() -> None:
-    if shutil.which("node") is None or shutil.which("npm") is None:
-        if IN_CI:
-            pytest.fail("the benchmark's load generator needs node and npm")
-        pytest.skip("no node/npm: the benchmark's load generator needs them")
 
 
 def test_quick_bench_of_tidings_completes_with_nothing_lost(node: None, tmp_path: Path) -> None:

@@ -69,7 +69,8 @@ def fake_listener(stack: Stack) -> Iterator[Any]:
 
 
 def test_a_healthy_stack_passes(stack: Stack) -> None:
-    status, report = doctor(stack, "--timeout", "5")
+    # 100 expected clients: a storm any kernel's accept queue holds (somaxconn >= 128).
+    status, report = doctor(stack, "--timeout", "5", "--expected-clients", "100")
     assert status == 0, report
     assert report["ok"] is True
     found = statuses(report)
@@ -84,16 +85,17 @@ def test_a_healthy_stack_passes(stack: Stack) -> None:
         "ingest": "ok",
         "gunicorn": "ok",
         "probe": "ok",
+        "accept_queue": "ok",
     }, report
     assert "lost if Redis restarts" in check(report, "redis")["summary"]
     assert check(report, "listeners")["details"]["receivers"] == 1
     assert check(report, "web_workers")["details"]["subscribers"] == 1
     latency = check(report, "probe")["details"]["latency_ms"]
     assert 0 < latency["durable"] < 5000 and 0 < latency["fast"] < 5000
-    status, text = doctor(stack, "--timeout", "5", text=True)
+    status, text = doctor(stack, "--timeout", "5", "--expected-clients", "100", text=True)
     print("\n" + text)
     assert status == 0 and text.strip().endswith("verdict: ok, with warnings (redis)")
-    assert len(text.strip().splitlines()) == 1 + 9 + 1
+    assert len(text.strip().splitlines()) == 1 + 10 + 1
     # Before the probe, no client of this stack had a topic: no channel heard.
     routing = check(report, "routing")["details"]
     assert [w["queue_channels"] for w in routing["workers"]] == [0]
@@ -188,3 +190,31 @@ def test_gunicorn_settings_that_break_socketio_fail(stack: Stack, tmp_path: Path
     found = gunicorn("--gunicorn-config", str(few), "--expected-clients", "500")
     assert found["status"] == "fail" and "500 expected clients" in found["summary"]
     assert gunicorn("--expected-clients", "500")["status"] == "ok"  # the project's own file
+
+
+def test_an_accept_queue_too_short_for_a_reconnect_storm_warns(
+    stack: Stack, tmp_path: Path
+) -> None:
+    somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
+    running = min(stack.settings.backlog, somaxconn)
+
+    def accept_queue(*args: str) -> dict[str, Any]:
+        status, report = doctor(stack, "--no-probe", *args)
+        assert status == 0, report  # a warning, never a failure
+        return check(report, "accept_queue")
+
+    found = accept_queue("--expected-clients", str(running))
+    assert found["status"] == "ok", found
+    assert f"accept queue {running}" in found["summary"]
+    assert found["details"]["somaxconn"] == somaxconn
+    # gunicorn.conf.py's backlog reached listen(), capped by the kernel.
+    assert found["details"]["live"]["limit"] == running
+    # One client more than the queue holds.
+    found = accept_queue("--expected-clients", str(running + 1))
+    assert found["status"] == "warn"
+    assert f"< {running + 1} clients a reconnect storm brings back at once" in found["summary"]
+    # A short backlog in the config (the next start's) warns and names the backlog.
+    short = write_config(tmp_path, "short.py", "backlog = 64")
+    found = accept_queue("--gunicorn-config", str(short), "--expected-clients", "500")
+    assert found["status"] == "warn" and found["details"]["accept_queue"] == 64
+    assert "set gunicorn's backlog to at least 500" in found["summary"]

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import threading
 
-from tidings.client import TidingsClient, _Topic
+import pytest
+
+from tidings.client import TidingsClient, _Topic, resubscribe_delay
 
 
 def test_messages_are_handled_in_arrival_order_on_the_reading_thread() -> None:
@@ -61,3 +63,68 @@ def test_a_topic_the_server_unsubscribed_is_forgotten() -> None:
     client._on_unsubscribed({"topic": "never"})
     client._on_unsubscribed("garbage")
     assert ended == ["a"] and "a" not in client._topics
+
+
+def test_resubscribe_retries_back_off_with_jitter() -> None:
+    for attempt in range(8):
+        step = min(0.05 * 2**attempt, 2.0)
+        delays = [resubscribe_delay(attempt) for _ in range(200)]
+        assert all(0.5 * step <= d <= 1.5 * step for d in delays)
+        # Spread over the whole range, not one value for everybody.
+        assert max(delays) - min(delays) > 0.8 * step
+
+
+def test_a_refused_resubscribe_is_asked_again_after_jittered_delays(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    client = TidingsClient("http://127.0.0.1:1", on_publication=lambda pub: None)
+    client._topics["a"] = _Topic()
+    client.connects = 2  # a reconnect
+    monkeypatch.setattr(client.sio, "connected", True)
+    answers = iter([{"ok": False, "error": "unavailable"}] * 5 + [{"ok": True}])
+    monkeypatch.setattr(client, "subscribe", lambda topic: next(answers))
+    slept: list[float] = []
+    monkeypatch.setattr("tidings.client.time.sleep", slept.append)
+    client._resubscribe_all()
+    assert len(slept) == 5
+    for attempt, delay in enumerate(slept):
+        step = 0.05 * 2**attempt
+        assert 0.5 * step <= delay <= 1.5 * step
+    # Not the bare doubling sequence every client would share.
+    assert slept != [0.05 * 2**attempt for attempt in range(5)]
+
+
+class _RecordedWaits:
+    """Stands in for the reconnect task's abort event: records each delay, never waits."""
+
+    def __init__(self) -> None:
+        self.delays: list[float] = []
+
+    def clear(self) -> None:
+        pass
+
+    def wait(self, delay: float) -> bool:
+        self.delays.append(delay)
+        return False  # not aborted: the loop goes on to its attempt
+
+
+def test_reconnection_attempts_are_jittered() -> None:
+    """python-socketio's own reconnect loop, as this client configures it, against a closed port."""
+    first: list[float] = []
+    later: list[float] = []
+    for _ in range(30):
+        client = TidingsClient("http://127.0.0.1:1", on_publication=lambda pub: None)
+        sio = client.sio
+        sio.connection_url = "http://127.0.0.1:1"
+        sio.connection_headers, sio.connection_auth = {}, None
+        sio.connection_transports, sio.connection_namespaces = ["websocket"], ["/"]
+        sio.socketio_path = "socket.io"
+        sio.reconnection_attempts = 5
+        waits = _RecordedWaits()
+        sio._reconnect_abort = waits
+        sio._handle_reconnect()
+        assert len(waits.delays) == 5
+        first.append(waits.delays[0])
+        later += waits.delays[3:]
+    assert all(0 <= d <= 0.4 for d in first) and max(first) - min(first) > 0.2
+    assert all(0.8 <= d <= 1.2 for d in later) and max(later) - min(later) > 0.2

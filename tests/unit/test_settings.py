@@ -36,6 +36,13 @@ def test_port_sets_the_bind_address_and_tidings_bind_wins() -> None:
     assert Settings.from_env({"PORT": "5000", "TIDINGS_BIND": "[::1]:9"}).bind == "[::1]:9"
 
 
+def test_the_backlog_holds_every_connection_of_the_host_and_never_less_than_gunicorns() -> None:
+    assert Settings.from_env({}).backlog == 10000
+    both = {"WEB_CONCURRENCY": "3", "TIDINGS_WORKER_CONNECTIONS": "5000"}
+    assert Settings.from_env(both).backlog == 15000
+    assert Settings.from_env({"TIDINGS_WORKER_CONNECTIONS": "500"}).backlog == 2048
+
+
 def test_lists_are_split_and_trimmed() -> None:
     settings = Settings.from_env(
         {
