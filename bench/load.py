@@ -154,11 +154,19 @@ class Generators:
         return (end - start) / 1000, sum(a["failed"] for a in answers), errors
 
     def stat(self) -> dict[str, float]:
-        """Return the merged counters: received, open, ready, unexpected_closes, last_ms."""
+        """Return the merged counters: received, open, ready, unexpected_closes, ..., last_ms."""
         answers = self._ask({"cmd": "stat"}, "stat")
         merged: dict[str, float] = Counter()
         for answer in answers:
-            for key in ("received", "events", "open", "ready", "failed", "unexpected_closes"):
+            for key in (
+                "received",
+                "events",
+                "open",
+                "ready",
+                "failed",
+                "unexpected_closes",
+                "server_closes",
+            ):
                 merged[key] += answer[key]
         merged["last_ms"] = max(a["last_ms"] for a in answers)
         return merged
@@ -181,16 +189,31 @@ class Generators:
         """Forget what was received so far."""
         self._ask({"cmd": "reset"}, "reset")
 
+    def _ask_with_files(self, command: dict[str, Any], event: str) -> list[dict[str, Any]]:
+        """Send `command` with a latency file of its own to each process; return the answers."""
+        for proc, path in zip(self.procs, self._latency_files(), strict=True):
+            assert proc.stdin is not None
+            proc.stdin.write(json.dumps({**command, "latfile": str(path)}) + "\n")
+            proc.stdin.flush()
+        return [self._read(proc, event) for proc in self.procs]
+
+    def _latency_files(self) -> list[Path]:
+        return [self.workdir / f"latencies{i}.bin" for i in range(len(self.procs))]
+
+    def window(self) -> array:
+        """Return the latencies (ms) received since the last window, and forget them."""
+        self._ask_with_files({"cmd": "window"}, "window")
+        latencies = array("d")
+        for path in self._latency_files():
+            latencies.frombytes(path.read_bytes())
+            path.unlink()
+            path.with_name(path.name + ".n").unlink(missing_ok=True)
+        return latencies
+
     def report(self, expected: dict[str, int]) -> Delivery:
         """Return what every client received, against `expected` publications per topic."""
-        files = [self.workdir / f"latencies{i}.bin" for i in range(len(self.procs))]
-        line = json.dumps({"cmd": "report", "expected": expected})
-        answers = []
-        for proc, path in zip(self.procs, files, strict=True):
-            assert proc.stdin is not None
-            proc.stdin.write(line[:-1] + f', "latfile": {json.dumps(str(path))}}}\n')
-            proc.stdin.flush()
-        answers = [self._read(proc, "report") for proc in self.procs]
+        files = self._latency_files()
+        answers = self._ask_with_files({"cmd": "report", "expected": expected}, "report")
         result = Delivery()
         for answer, path in zip(answers, files, strict=True):
             result.clients += answer["clients"]
