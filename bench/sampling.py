@@ -139,6 +139,9 @@ class Growth:
     rss_end: float  # median of the last 3
     fds_start: float
     fds_end: float
+    # Least-squares slope of RSS after the warm-up, bytes per hour: a steady
+    # leak shows here even when it is too slow to pass the 10% within one run.
+    rss_slope: float = 0.0
     # Why the process cannot be judged as one whole run (it came or went).
     problem: str = ""
 
@@ -165,13 +168,17 @@ def growth(samples: list[Sample], warmup: float) -> list[Growth]:
     for name, mine in named(samples).items():
         after = [s for s in mine if s.t >= warmup]
         problem = ""
-        if len(after) < 6:
-            problem = f"only {len(after)} samples after the warm-up"
-        elif mine[0].t >= warmup:
+        if mine[0].t >= warmup:
             problem = f"started during the run (at {mine[0].t:.0f}s)"
         elif mine[-1].t < end:
             problem = f"gone during the run (after {mine[-1].t:.0f}s)"
+        elif len(after) < 6:
+            problem = f"only {len(after)} samples after the warm-up"
         head, tail = after[:3] or mine[-3:], after[-3:] or mine[-3:]
+        slope = 0.0
+        if len(after) >= 2 and after[0].t != after[-1].t:
+            fit = statistics.linear_regression([s.t for s in after], [s.rss for s in after])
+            slope = fit.slope * 3600
         out.append(
             Growth(
                 name=name,
@@ -182,6 +189,7 @@ def growth(samples: list[Sample], warmup: float) -> list[Growth]:
                 rss_end=statistics.median(s.rss for s in tail),
                 fds_start=statistics.median(s.fds for s in head),
                 fds_end=statistics.median(s.fds for s in tail),
+                rss_slope=slope,
                 problem=problem,
             )
         )
@@ -190,7 +198,7 @@ def growth(samples: list[Sample], warmup: float) -> list[Growth]:
 
 def table(rows: list[Growth], limit: float, fd_slack: int) -> str:
     """The growth of every process, judged ones first, as a fixed-width table."""
-    header = ["process", "pid", "RSS MB", "->", "growth", "files", "->", "verdict"]
+    header = ["process", "pid", "RSS MB", "->", "growth", "MB/h", "files", "->", "verdict"]
     body = []
     for g in sorted(rows, key=lambda g: (g.role != SYSTEM, g.name)):
         verdict = "(load)"
@@ -203,6 +211,7 @@ def table(rows: list[Growth], limit: float, fd_slack: int) -> str:
                 f"{g.rss_start / 2**20:.1f}",
                 f"{g.rss_end / 2**20:.1f}",
                 f"{g.rss_growth:+.1%}",
+                f"{g.rss_slope / 2**20:+.1f}",
                 f"{g.fds_start:.0f}",
                 f"{g.fds_end:.0f}",
                 verdict + (f" ({g.problem})" if g.problem else ""),
@@ -212,7 +221,7 @@ def table(rows: list[Growth], limit: float, fd_slack: int) -> str:
 
     def line(cells: list[str]) -> str:
         return "  ".join(
-            c.ljust(w) if i in (0, 7) else c.rjust(w)
+            c.ljust(w) if i in (0, 8) else c.rjust(w)
             for i, (c, w) in enumerate(zip(cells, widths, strict=True))
         ).rstrip()
 
