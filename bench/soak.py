@@ -884,6 +884,9 @@ def result_line(outcome: Outcome, png: str) -> str:
         reverse=True,
     )
     growths = ", ".join(f"{g.name} {g.rss_growth:+.1%}" for g in judged)
+    steepest = max(judged, key=lambda g: g.rss_slope, default=None)
+    if steepest is not None:
+        growths += f" (steepest trend: {steepest.name}, {steepest.rss_slope / 2**20:+.1f} MB/h)"
     fds = max((g.fds_end - g.fds_start for g in judged), default=0)
     verdict = (
         "**met**"
