@@ -234,7 +234,7 @@ def chart(samples: list[Sample], warmup: float, path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import ScalarFormatter
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     fig, (rss_ax, fds_ax) = plt.subplots(2, 1, figsize=(12, 8), sharex=True)
     for name, mine in sorted(named(samples).items(), key=lambda item: item[1][0].role != SYSTEM):
@@ -248,10 +248,10 @@ def chart(samples: list[Sample], warmup: float, path: Path, title: str) -> None:
         ax.grid(alpha=0.3, which="both")
         # Log scales: a growth of 10% is as tall for a small process as for a big one.
         ax.set_yscale("log")
-        for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
-            formatter = ScalarFormatter()
-            formatter.set_scientific(False)
-            axis(formatter)
+        formatter = ScalarFormatter()
+        formatter.set_scientific(False)
+        ax.yaxis.set_major_formatter(formatter)
+        ax.yaxis.set_minor_formatter(NullFormatter())
     rss_ax.text(
         warmup / 120, 0.97, "warm-up", transform=rss_ax.get_xaxis_transform(), va="top", ha="center"
     )

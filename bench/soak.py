@@ -524,7 +524,10 @@ class Outcome:
                 out.append(f"checking clients: {key.replace('_', ' ')} {d[key]}")
         for name, load in self.loads.items():
             if name != "own fast" and (load["lost"] or load["duplicated"]):
-                out.append(f"loadgen {name}: lost {load['lost']}, duplicated {load['duplicated']}")
+                out.append(
+                    f"loadgen {name}: lost {load['lost']:,}, duplicated {load['duplicated']:,}"
+                    f" ({load['unexpected_closes']:,} connections closed by the server)"
+                )
         missed = self.churn["fresh_sent"] - self.churn["fresh_received"]
         if missed:
             out.append(f"churn: {missed} fresh-topic publications never arrived")
@@ -787,9 +790,10 @@ class Timeline:
         self.p99: list[float] = []
         self.p50: list[float] = []
         self.worst = 0.0
+        self.machine: list[float] = []
         path.write_text(
             "t,sustained_p50_ms,sustained_p99_ms,sustained_max_ms,redis_used_memory,checked,"
-            "load_open,load_closed,load_closed_by_eio,checker_reconnects\n"
+            "load_open,load_closed,load_closed_by_eio,checker_reconnects,load_average_1m\n"
         )
 
     def record(self, t: float) -> None:
@@ -810,21 +814,26 @@ class Timeline:
         load = [sum(int(s[key]) for s in stats) for key in ("open", "unexpected_closes")]
         load.append(sum(int(s["server_closes"]) for s in stats))
         load.append(sum(c.client.connects - 1 for c in self.checkers if c.client is not None))
+        # The machine is shared: its load says what else competed for the cores.
+        machine = os.getloadavg()[0]
+        self.machine.append(machine)
 
         def cell(value: float | None) -> str:
             return "" if value is None else f"{value:.2f}"
 
         with open(self.path, "a") as out:
             out.write(f"{t:.1f},{cell(p50)},{cell(p99)},{cell(top)},{memory},{checked},")
-            out.write(",".join(map(str, load)) + "\n")
+            out.write(",".join(map(str, load)) + f",{machine:.2f}\n")
 
     def summary(self) -> dict[str, float | None]:
-        """Median of the per-sample p50 and p99 of the sustained topic, and the worst delivery."""
+        """The sustained topic's latency (window medians, worst) and the machine's load."""
         return {
             "p50_ms": statistics.median(self.p50) if self.p50 else None,
             "p99_ms": statistics.median(self.p99) if self.p99 else None,
             "worst_p99_ms": max(self.p99, default=None),
             "max_ms": self.worst or None,
+            "machine_load_median": statistics.median(self.machine) if self.machine else None,
+            "machine_load_max": max(self.machine, default=None),
         }
 
 
@@ -866,6 +875,10 @@ def summary_lines(outcome: Outcome) -> list[str]:
         f" {_num(lat['p50_ms'])} ms, median p99 {_num(lat['p99_ms'])} ms, worst p99"
         f" {_num(lat['worst_p99_ms'])} ms, max {_num(lat['max_ms'])} ms"
     )
+    lines.append(
+        f"machine load average (1 min) during the run: median {_num(lat['machine_load_median'])},"
+        f" max {_num(lat['machine_load_max'])}"
+    )
     lines += [f"missing: {m}" for m in outcome.missing[:5]]
     lines += [f"problem: {p}" for p in outcome.problems]
     return lines
@@ -893,7 +906,11 @@ def result_line(outcome: Outcome, png: str) -> str:
         if outcome.met()
         else "**missed**: "
         + "; ".join(
-            [*outcome.lost(), *(f"{g.name} grew" for g in outcome.grown()), *outcome.problems]
+            [
+                *outcome.lost(),
+                *(f"{g.name} {g.problem or 'grew'}" for g in outcome.grown()),
+                *outcome.problems,
+            ]
         )
     )
     return (
@@ -906,7 +923,10 @@ def result_line(outcome: Outcome, png: str) -> str:
         f" most {fds:+.0f}. Durable to the checking clients: {d['delivered']:,} of"
         f" {d['expected']:,}, lost {d['lost_untold']}, duplicated {d['duplicated']}"
         f" ({d['told_gaps']} gaps told); sustained p99 {_num(outcome.latency['p99_ms'])} ms"
-        f" (median of windows). Target (<= 10%, nothing lost): {verdict}. [Chart]({png})"
+        f" (median of windows); machine load average (1 min) during the run: median"
+        f" {_num(outcome.latency['machine_load_median'])}, max"
+        f" {_num(outcome.latency['machine_load_max'])}."
+        f" Target (<= 10%, nothing lost): {verdict}. [Chart]({png})"
     )
 
 
