@@ -112,6 +112,17 @@ class Sampler:
         return self.samples
 
 
+def read_samples(csv_path: Path) -> list[Sample]:
+    """Read back the samples a `Sampler` wrote (to draw a run's chart again)."""
+    with open(csv_path, newline="") as source:
+        return [
+            Sample(
+                float(r["t"]), r["group"], r["role"], int(r["pid"]), int(r["rss"]), int(r["fds"])
+            )
+            for r in csv.DictReader(source)
+        ]
+
+
 def named(samples: list[Sample]) -> dict[str, list[Sample]]:
     """Group samples by process: its group's name, numbered when the group had several."""
     pids: dict[str, list[int]] = {}
@@ -248,10 +259,14 @@ def chart(samples: list[Sample], warmup: float, path: Path, title: str) -> None:
         ax.grid(alpha=0.3, which="both")
         # Log scales: a growth of 10% is as tall for a small process as for a big one.
         ax.set_yscale("log")
-        formatter = ScalarFormatter()
-        formatter.set_scientific(False)
-        ax.yaxis.set_major_formatter(formatter)
-        ax.yaxis.set_minor_formatter(NullFormatter())
+        for axis, labels in (
+            (ax.yaxis.set_major_formatter, True),
+            (ax.yaxis.set_minor_formatter, ax is rss_ax),
+        ):
+            formatter = ScalarFormatter()
+            formatter.set_scientific(False)
+            # Open files span decades: their minor ticks unlabelled, or the labels overlap.
+            axis(formatter if labels else NullFormatter())
     rss_ax.text(
         warmup / 120, 0.97, "warm-up", transform=rss_ax.get_xaxis_transform(), va="top", ha="center"
     )

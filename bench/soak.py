@@ -793,7 +793,8 @@ class Timeline:
         self.machine: list[float] = []
         path.write_text(
             "t,sustained_p50_ms,sustained_p99_ms,sustained_max_ms,redis_used_memory,checked,"
-            "load_open,load_closed,load_closed_by_eio,checker_reconnects,load_average_1m\n"
+            "load_open,load_closed,load_closed_by_eio,checker_reconnects,load_average_1m,"
+            "redis_keys,redis_dataset_bytes,redis_clients_bytes\n"
         )
 
     def record(self, t: float) -> None:
@@ -807,6 +808,9 @@ class Timeline:
             self.p99.append(p99)
             self.worst = max(self.worst, top)
         memory = self.data.info("memory").get("used_memory", 0)
+        # What Redis's memory is made of: data (history, ingest) or client buffers.
+        parts = self.data.memory_stats()
+        redis_parts = [parts.get(k, 0) for k in ("keys.count", "dataset.bytes", "clients.normal")]
         checked = sum(len(ns) for c in self.checkers for ns in c.delivered.values())
         # Load clients the server dropped so far, and how many of them it told why
         # (an engine.io CLOSE: a PONG it did not see in time).
@@ -823,7 +827,8 @@ class Timeline:
 
         with open(self.path, "a") as out:
             out.write(f"{t:.1f},{cell(p50)},{cell(p99)},{cell(top)},{memory},{checked},")
-            out.write(",".join(map(str, load)) + f",{machine:.2f}\n")
+            out.write(",".join(map(str, load)) + f",{machine:.2f},")
+            out.write(",".join(map(str, redis_parts)) + "\n")
 
     def summary(self) -> dict[str, float | None]:
         """The sustained topic's latency (window medians, worst) and the machine's load."""
