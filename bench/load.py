@@ -8,19 +8,22 @@ import os
 import time
 from array import array
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from subprocess import PIPE, Popen
 from typing import Any
 
 import redis
+import websocket
 
 from bench.measure import cpu_seconds
 from bench.systems import PEERS, node_binary
 
 TOPIC_PREFIX = "tidings:topic:"
 INGEST_STREAM = "tidings:ingest"
+# How a `publications` event's frame starts (a Socket.IO EVENT packet, no ack id).
+PUBLICATIONS = '42["publications"'
 
 
 def now_ms() -> float:
@@ -331,3 +334,68 @@ class Publisher:
     def close(self) -> None:
         """Close the Redis connection."""
         self.redis.close()
+
+
+class RawClientError(RuntimeError):
+    """A raw client's server did not answer as the protocol says, or not in time."""
+
+
+class RawClient:
+    """One Socket.IO client on a websocket, its frames read by hand: each step visible, cheap."""
+
+    def __init__(self, url: str, timeout: float = 10) -> None:
+        self.timeout = timeout
+        self.ack_id = 0
+        # Sees every text frame as it is read (whoever waits for what).
+        self.on_frame: Callable[[str], None] = lambda frame: None
+        self.ws = websocket.create_connection(
+            url.replace("http", "ws", 1) + "/socket.io/?EIO=4&transport=websocket",
+            timeout=timeout,
+            skip_utf8_validation=True,
+        )
+        try:
+            self.until(lambda frame: frame.startswith("0"), "engine.io open")
+            self.ws.send("40")
+            self.until(lambda frame: frame.startswith("40"), "namespace connect")
+        except BaseException:
+            self.ws.shutdown()
+            raise
+
+    def frames(self, seconds: float) -> Iterator[str]:
+        """Yield the text frames that arrive within `seconds`, answering engine.io's pings."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            self.ws.settimeout(left)
+            try:
+                frame = self.ws.recv()
+            except websocket.WebSocketTimeoutException:
+                return
+            if not isinstance(frame, str):
+                continue
+            if frame == "2":
+                self.ws.send("3")
+                continue
+            self.on_frame(frame)
+            yield frame
+
+    def until(self, found: Callable[[str], bool], what: str) -> str:
+        """Read frames until one is `found`; raise if none is within the timeout."""
+        for frame in self.frames(self.timeout):
+            if found(frame):
+                return frame
+        raise RawClientError(f"no {what} within {self.timeout:g}s")
+
+    def call(self, event: str, topic: str) -> dict[str, Any]:
+        """Emit `event` {"topic"} and return its ack; a refusal raises."""
+        self.ack_id += 1
+        ack = f"43{self.ack_id}["
+        self.ws.send(f"42{self.ack_id}" + json.dumps([event, {"topic": topic}]))
+        frame = self.until(lambda f: f.startswith(ack), f"{event} ack")
+        answer = json.loads(frame[len(ack) - 1 :])
+        if not answer or not isinstance(answer[0], dict) or not answer[0].get("ok"):
+            raise RawClientError(f"{event} {topic}: {answer}")
+        return answer[0]
+
+    def close(self) -> None:
+        """Drop the connection at once (no close handshake)."""
+        self.ws.shutdown()

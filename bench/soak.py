@@ -49,7 +49,6 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,7 +57,17 @@ import redis
 import websocket
 
 from bench import report, sampling, systems
-from bench.load import INGEST_STREAM, TOPIC_PREFIX, Delivery, Generators, Publisher, now_ms
+from bench.load import (
+    INGEST_STREAM,
+    PUBLICATIONS,
+    TOPIC_PREFIX,
+    Delivery,
+    Generators,
+    Publisher,
+    RawClient,
+    RawClientError,
+    now_ms,
+)
 from tests.chaos.harness import Watcher, complete, tally
 from tests.support import ROOT
 from tidings.client import TidingsClient
@@ -182,14 +191,6 @@ def connect_checkers(url: str, count: int, own: int) -> list[Checker]:
 # -- churn ----------------------------------------------------------------------------------------
 
 
-# How a `publications` event's frame starts (Socket.IO event packet, no ack id).
-PUBLICATIONS = '42["publications"'
-
-
-class ChurnError(RuntimeError):
-    """A churning client's connection did not behave as the protocol says."""
-
-
 class Churner(threading.Thread):
     """A raw Socket.IO client that connects, subscribes, unsubscribes and disconnects in a loop."""
 
@@ -198,7 +199,7 @@ class Churner(threading.Thread):
     ) -> None:
         super().__init__(name=f"churner-{index}", daemon=True)
         self.index = index
-        self.ws_url = url.replace("http", "ws", 1) + "/socket.io/?EIO=4&transport=websocket"
+        self.url = url
         self.redis = redis.Redis.from_url(redis_url)
         self.own = own
         self.stop = stop
@@ -209,7 +210,6 @@ class Churner(threading.Thread):
         self.fresh_sent = 0
         self.fresh_received = 0
         self.errors: list[str] = []
-        self._ack_id = 0
         self._waiting_for: str | None = None
         self._arrived = False
 
@@ -221,7 +221,7 @@ class Churner(threading.Thread):
                 OSError,
                 ValueError,  # a frame that is not the JSON it should be
                 websocket.WebSocketException,
-                ChurnError,
+                RawClientError,
                 redis.RedisError,
             ) as exc:
                 self.errors.append(f"connection {self.connections}: {exc!r}")
@@ -230,81 +230,53 @@ class Churner(threading.Thread):
 
     def cycle(self) -> None:
         """One connection: subscribe, publish to a fresh topic, swap a topic, disconnect."""
-        ws = websocket.create_connection(self.ws_url, timeout=10, skip_utf8_validation=True)
         self.connections += 1
+        client = RawClient(self.url)
+        client.on_frame = self._watch
         try:
-            self._until(ws, lambda frame: frame.startswith("0"), "engine.io open")
-            ws.send("40")
-            self._until(ws, lambda frame: frame.startswith("40"), "namespace connect")
             pool = [SUSTAINED] + [own_durable(k) for k in range(self.own)]
             pool += [own_fast(k) for k in range(self.own)]
             topics = self.rng.sample(pool, 2)
             fresh = f"{EPHEMERAL}{self.index}.{self.connections}"
             for topic in [*topics, fresh]:
-                self._call(ws, "subscribe", topic)
+                self._call(client, "subscribe", topic)
             # Subscribed (acked), so this durable publication must arrive.
             self._waiting_for, self._arrived = f'{fresh}"', False
             self.redis.xadd(INGEST_STREAM, {"topic": fresh, "data": '{"n":0}'})
             self.fresh_sent += 1
-            self._pump(ws, self.rng.uniform(1, 4))
+            self._pump(client, self.rng.uniform(1, 4))
             if not self._arrived:
-                self._pump(ws, 10, until_arrived=True)
+                self._pump(client, 10, until_arrived=True)
             if self._arrived:
                 self.fresh_received += 1
             else:
                 self.errors.append(f"connection {self.connections}: {fresh} never arrived")
             self._waiting_for = None
-            self._call(ws, "unsubscribe", self.rng.choice([*topics, fresh]))
-            self._call(ws, "subscribe", self.rng.choice(pool))
-            self._pump(ws, self.rng.uniform(0.5, 2))
+            self._call(client, "unsubscribe", self.rng.choice([*topics, fresh]))
+            self._call(client, "subscribe", self.rng.choice(pool))
+            self._pump(client, self.rng.uniform(0.5, 2))
             # Leave every way a browser does: politely, by closing, or by vanishing.
             how = self.connections % 3
             if how == 0:
-                ws.send("41")
+                client.ws.send("41")
             if how in (0, 1):
-                ws.close()
+                client.ws.close()
         finally:
-            ws.shutdown()
+            client.close()
 
-    def _frames(self, ws: websocket.WebSocket, seconds: float) -> Any:
-        """Yield text frames for up to `seconds`, answering engine.io's pings."""
-        deadline = time.monotonic() + seconds
-        while (left := deadline - time.monotonic()) > 0:
-            ws.settimeout(left)
-            try:
-                frame = ws.recv()
-            except websocket.WebSocketTimeoutException:
-                return
-            if not isinstance(frame, str):
-                continue
-            if frame == "2":
-                ws.send("3")
-                continue
-            if self._waiting_for and frame.startswith(PUBLICATIONS) and self._waiting_for in frame:
-                self._arrived = True
-            yield frame
+    def _watch(self, frame: str) -> None:
+        if self._waiting_for and frame.startswith(PUBLICATIONS) and self._waiting_for in frame:
+            self._arrived = True
 
-    def _until(self, ws: websocket.WebSocket, found: Callable[[str], bool], what: str) -> str:
-        for frame in self._frames(ws, 10):
-            if found(frame):
-                return frame
-        raise ChurnError(f"no {what} within 10s")
-
-    def _call(self, ws: websocket.WebSocket, event: str, topic: str) -> None:
-        self._ack_id += 1
-        ack = f"43{self._ack_id}["
-        ws.send(f"42{self._ack_id}" + json.dumps([event, {"topic": topic}]))
-        frame = self._until(ws, lambda f: f.startswith(ack), f"{event} ack")
-        answer = json.loads(frame[len(ack) - 1 :])
-        if not answer or not answer[0].get("ok"):
-            raise ChurnError(f"{event} {topic}: {answer}")
+    def _call(self, client: RawClient, event: str, topic: str) -> None:
+        client.call(event, topic)
         if event == "subscribe":
             self.subscribes += 1
         else:
             self.unsubscribes += 1
 
-    def _pump(self, ws: websocket.WebSocket, seconds: float, until_arrived: bool = False) -> None:
-        for _ in self._frames(ws, seconds):
+    def _pump(self, client: RawClient, seconds: float, until_arrived: bool = False) -> None:
+        for _ in client.frames(seconds):
             if until_arrived and self._arrived:
                 return
 

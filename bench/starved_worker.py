@@ -68,6 +68,7 @@ def main() -> None:
     stop = threading.Event()
     lags: list[float] = []
     killed_after: float | None = None
+    dropped = 0
     try:
         gens.wait_ready()
         streams = [(RATE, lambda _: TOPIC)]
@@ -85,9 +86,14 @@ def main() -> None:
             lags.append(lag)
             if killed_after is None and "WORKER TIMEOUT" in log.read_text(errors="replace"):
                 killed_after = time.monotonic() - started
+            # Clients the server dropped while the worker was still alive: a PONG
+            # it did not read for 20 s makes engine.io take the client for gone.
+            if killed_after is None:
+                dropped = int(gens.stat()["unexpected_closes"])
             print(
                 f"{time.monotonic() - started:5.0f}s starved: {len(window):,} deliveries,"
-                f" lag up to {lag:.1f}s, worker {'killed' if killed_after else 'alive'}",
+                f" lag up to {lag:.1f}s, worker {'killed' if killed_after else 'alive'},"
+                f" {dropped} clients dropped before",
                 flush=True,
             )
     finally:
@@ -98,9 +104,9 @@ def main() -> None:
     lag = max(lags, default=0.0)
     fate = (
         f"**killed by gunicorn (WORKER TIMEOUT) within {killed_after:.0f} s**, lag {lag:.0f} s"
-        f" by then, its {args.clients:,} clients disconnected"
+        f" by then, {dropped:,} of its {args.clients:,} clients dropped before and the rest with it"
         if killed_after is not None
-        else f"**alive** throughout, lag up to {lag:.0f} s"
+        else f"**alive** throughout, lag up to {lag:.0f} s, {dropped:,} clients dropped"
     )
     result = (
         f"one web worker, {args.clients:,} clients x {RATE:g}/s durable on one topic, then the"

@@ -16,16 +16,14 @@ printed only).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 from pathlib import Path
 
 import psutil
 import redis
-import websocket
 
-from bench.load import INGEST_STREAM
+from bench.load import INGEST_STREAM, PUBLICATIONS, RawClient
 from bench.report import separate_result
 from tests.support import RedisServer, Stack
 
@@ -34,37 +32,12 @@ from tests.support import RedisServer, Stack
 WARM_FRESH = 10_000
 
 
-class Cycler:
-    """A raw Socket.IO client that subscribes, receives one publication, unsubscribes."""
-
-    def __init__(self, stack: Stack) -> None:
-        url = stack.url.replace("http", "ws", 1) + "/socket.io/?EIO=4&transport=websocket"
-        self.ws = websocket.create_connection(url, skip_utf8_validation=True)
-        self.ws.recv()
-        self.ws.send("40")
-        self.ws.recv()
-        self.redis: redis.Redis = stack.redis()
-        self.ack = 0
-
-    def _until(self, prefix: str) -> None:
-        while True:
-            frame = self.ws.recv()
-            if frame == "2":
-                self.ws.send("3")
-            elif frame.startswith(prefix):
-                return
-
-    def _call(self, event: str, topic: str) -> None:
-        self.ack += 1
-        self.ws.send(f"42{self.ack}" + json.dumps([event, {"topic": topic}]))
-        self._until(f"43{self.ack}[")
-
-    def cycle(self, topic: str) -> None:
-        """One topic's whole life in this worker."""
-        self._call("subscribe", topic)
-        self.redis.xadd(INGEST_STREAM, {"topic": topic, "data": '{"n":0}'})
-        self._until('42["publications"')
-        self._call("unsubscribe", topic)
+def cycle(client: RawClient, data: redis.Redis, topic: str) -> None:
+    """One topic's whole life in the worker: subscribed, published to once, left."""
+    client.call("subscribe", topic)
+    data.xadd(INGEST_STREAM, {"topic": topic, "data": '{"n":0}'})
+    client.until(lambda frame: frame.startswith(PUBLICATIONS), "publication")
+    client.call("unsubscribe", topic)
 
 
 def main() -> None:
@@ -87,7 +60,7 @@ def main() -> None:
         stack.wait_ready()
         assert stack.web is not None
         [worker] = psutil.Process(stack.web.pid).children()
-        cycler = Cycler(stack)
+        client = RawClient(stack.url)
         serial = 0
 
         def round_of(fresh: bool, count: int) -> float:
@@ -95,7 +68,8 @@ def main() -> None:
             before = worker.memory_info().rss
             for k in range(count):
                 serial += 1
-                cycler.cycle(f"public.topics.{serial}" if fresh else f"public.topics.r{k % 10}")
+                topic = f"public.topics.{serial}" if fresh else f"public.topics.r{k % 10}"
+                cycle(client, stack.redis(), topic)
             return (worker.memory_info().rss - before) / count
 
         round_of(False, args.topics)  # warm-up
