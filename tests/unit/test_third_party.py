@@ -59,7 +59,7 @@ import socketio
 from engineio import packet as eio_packet
 from socketio import packet as sio_packet
 
-from tests.support import RedisServer
+from tests.support import ChunkedServer, RedisServer
 from webapp import fanout, realtime
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -79,6 +79,8 @@ CHECKED_AGAINST = {
     "prometheus-client": "0.26.0",
     "gunicorn": "27.0.1",
     "websocket-client": "1.9.2",
+    "requests": "2.34.2",
+    "urllib3": "2.8.0",
 }
 
 _UNSET = object()
@@ -1794,3 +1796,47 @@ def test_engineio_client_hands_messages_to_trigger_event_with_run_async() -> Non
         by="tidings/client.py TidingsClient.__init__ and _break_transport",
         breaks="the Python client's CPU per delivery (20x) and its half-open-path recovery",
     )
+
+
+# -- the SSE client: requests and urllib3 ------------------------------------------------------
+
+
+def test_a_streamed_response_reads_chunks_as_they_come_and_its_socket_can_be_shut_down() -> None:
+    import requests
+
+    server = ChunkedServer([b"data: 1\n\n"], hang_up=False)
+    try:
+        response = requests.get(server.url, stream=True, timeout=(5, 5))
+        first = response.raw.read1(65536)
+        require(
+            first == b"data: 1\n\n",
+            "a requests response opened with stream=True hands over each chunk through "
+            ".raw.read1() as it arrives (not once 64 KB came)",
+            by="tidings/client_sse.py _Stream.events",
+            breaks="SSE publications held back until the stream ends or the read times out",
+            found=first,
+        )
+        sock = getattr(getattr(response.raw, "connection", None), "sock", None)
+        require(
+            isinstance(sock, socket.socket),
+            "a streamed response keeps its urllib3 connection as .raw.connection, and the "
+            "connection its socket as .sock",
+            by="tidings/client_sse.py _Stream.cut",
+            breaks="subscribe/unsubscribe and disconnect() cannot end the read of the old stream",
+            found=sock,
+        )
+        sock.shutdown(socket.SHUT_RDWR)
+        try:
+            after = response.raw.read1(65536)
+        except Exception as exc:  # any error ends the read, as an EOF does
+            after = exc
+        require(
+            not after or isinstance(after, Exception),
+            "after shutdown() of its socket, a blocked or next read1() ends (EOF or an error)",
+            by="tidings/client_sse.py _Stream.cut",
+            breaks="the read thread stays on a stream it was told to leave",
+            found=after,
+        )
+        response.close()
+    finally:
+        server.close()
