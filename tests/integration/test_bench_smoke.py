@@ -126,6 +126,7 @@ def test_quick_bench_of_tidings_completes_with_nothing_lost(node: None, tmp_path
     assert "deliv/s" in done.stdout
     written = out.read_text()
     assert "## Targets (issues 7 and 13)" in written
+    assert "## Server-Sent Events" in written  # the SSE rows against the websocket ones
     assert "](scale-out.png)" in written
     assert (tmp_path / "scale-out.png").stat().st_size > 0
     # A separate benchmark's result survives the rewrite, after the generated part.
