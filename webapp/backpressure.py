@@ -11,8 +11,12 @@ recovers what it missed from history, so being cut loses it nothing.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import socket
+import struct
+import termios
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -76,6 +80,13 @@ def _record_websockets() -> None:
     _record_ws_installed = True
 
 
+# SO_LINGER on, zero seconds: close() sends RST and drops unsent data.
+_RESET_ON_CLOSE = struct.pack("ii", 1, 0)
+# How long a cut client has to read what the kernel still holds for it
+# before the connection is reset instead.
+DRAIN_SECONDS = 2.0
+
+
 def abort_connection(eio: Any, eio_sid: str) -> None:
     """Drop a connection at the transport, so the client reconnects by itself.
 
@@ -88,10 +99,43 @@ def abort_connection(eio: Any, eio_sid: str) -> None:
     raw = getattr(sock, "tidings_socket", None)
     sock.close(wait=False, abort=True, reason=eio.reason.SERVER_DISCONNECT)
     if raw is not None:
+        reset_if_undrained(raw, DRAIN_SECONDS)
         # A writer blocked in send() on a full TCP buffer wakes only when the
         # socket is shut down.
         with contextlib.suppress(OSError):
             raw.shutdown(socket.SHUT_RDWR)
+
+
+def reset_if_undrained(raw: socket.socket, seconds: float) -> None:
+    """Reset the connection if its client has not read what the kernel holds within `seconds`.
+
+    The FIN of a shutdown waits behind that data. A client that resumes
+    reading gets it, then the end, and asks history for less; one that reads
+    slowly (a small window, megabytes held once the send buffer has grown)
+    would notice the cut only at its ping timeout, 30 s on, by when history
+    may no longer cover the gap: it gets a reset instead, which also frees
+    the kernel's buffers. A duplicate of the descriptor keeps the socket
+    until then, whenever the handler closes its own.
+    """
+    try:
+        held = raw.dup()
+    except OSError:
+        return
+
+    def settle() -> None:
+        with contextlib.suppress(OSError), held:
+            if unsent_bytes(held) > 0:
+                held.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
+
+    # gevent-patched in a web worker: a timer greenlet, not a thread.
+    timer = threading.Timer(seconds, settle)
+    timer.daemon = True
+    timer.start()
+
+
+def unsent_bytes(sock: socket.socket) -> int:
+    """Bytes the kernel holds for the peer, not yet acknowledged (Linux TIOCOUTQ)."""
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
 
 
 def install(
