@@ -87,26 +87,33 @@ _RESET_ON_CLOSE = struct.pack("ii", 1, 0)
 DRAIN_SECONDS = 2.0
 
 
-def abort_connection(eio: Any, eio_sid: str) -> None:
+def abort_connection(eio: Any, eio_sid: str) -> int | None:
     """Drop a connection at the transport, so the client reconnects by itself.
 
     A Socket.IO-level disconnect would tell clients not to come back; a
     broken transport makes every Socket.IO client reconnect and resubscribe.
+    Returns how many bytes the kernel still held for the client, if known.
     """
     sock = eio.sockets.get(eio_sid)
     if sock is None:
-        return
+        return None
     raw = getattr(sock, "tidings_socket", None)
     sock.close(wait=False, abort=True, reason=eio.reason.SERVER_DISCONNECT)
-    if raw is not None:
-        reset_if_undrained(raw, DRAIN_SECONDS)
-        # A writer blocked in send() on a full TCP buffer wakes only when the
-        # socket is shut down.
-        with contextlib.suppress(OSError):
-            raw.shutdown(socket.SHUT_RDWR)
+    if raw is None:
+        return None
+    try:
+        unsent: int | None = unsent_bytes(raw)
+    except OSError:
+        unsent = None
+    reset_if_undrained(raw, DRAIN_SECONDS, eio_sid)
+    # A writer blocked in send() on a full TCP buffer wakes only when the
+    # socket is shut down.
+    with contextlib.suppress(OSError):
+        raw.shutdown(socket.SHUT_RDWR)
+    return unsent
 
 
-def reset_if_undrained(raw: socket.socket, seconds: float) -> None:
+def reset_if_undrained(raw: socket.socket, seconds: float, sid: str = "") -> None:
     """Reset the connection if its client has not read what the kernel holds within `seconds`.
 
     The FIN of a shutdown waits behind that data. A client that resumes
@@ -124,8 +131,10 @@ def reset_if_undrained(raw: socket.socket, seconds: float) -> None:
 
     def settle() -> None:
         with contextlib.suppress(OSError), held:
-            if unsent_bytes(held) > 0:
+            unsent = unsent_bytes(held)
+            if unsent > 0:
                 held.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
+                log.info("sid=%s: %d bytes unread %gs after the cut; reset", sid, unsent, seconds)
 
     # gevent-patched in a web worker: a timer greenlet, not a thread.
     timer = threading.Timer(seconds, settle)
@@ -195,17 +204,19 @@ def install(
     send_packet = eio.send_packet
 
     def cut(sock: engineio.socket.Socket, packets: int, size: int) -> None:
+        metrics.slow_client_cut()
+        on_cut(sock.sid)
+        unsent = abort_connection(eio, sock.sid)
         log.warning(
-            "slow client cut: sid=%s had %d packets / %d bytes queued (limits %d / %d)",
+            "slow client cut: sid=%s had %d packets / %d bytes queued (limits %d / %d),"
+            " %s bytes more in the kernel",
             sock.sid,
             packets,
             size,
             max_packets,
             max_bytes,
+            "?" if unsent is None else unsent,
         )
-        metrics.slow_client_cut()
-        on_cut(sock.sid)
-        abort_connection(eio, sock.sid)
 
     def bounded_send_packet(sid: str, pkt: packet.Packet) -> None:
         sock = eio.sockets.get(sid)
