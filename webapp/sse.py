@@ -688,45 +688,49 @@ class EventStreamResponse(Response):
 
 
 def _events(app: Flask, stream: Stream, keepalive: float) -> Iterator[bytes]:
-    """The response body: the first events through the server, the rest on its socket if it can."""
+    """The response body: queued events as they come, a comment when idle (keep-alive).
+
+    The server writes the first chunk (with the headers); from then on the
+    stream writes its socket itself when it can (`Stream.take_socket`). One
+    generator, no nested one: a parked stream's saved C stack stays small.
+    """
     try:
-        pieces = _pieces(stream, keepalive)
-        for piece in pieces:
-            yield piece  # the server writes it (the first one with the headers)
-            wire = stream.take_socket()
-            if wire is not None:
-                for piece in pieces:
-                    wire.send(piece)
+        wire: Wire | None = None
+        wait = keepalive
+        while True:
+            chunk = stream.take(wait)
+            wait = keepalive
+            if chunk is None and not stream.closed and not _expired(stream):
+                idle = time.monotonic() - stream.sent_at
+                if idle < keepalive:
+                    wait = keepalive - idle  # events went out directly meanwhile
+                    continue
+                stream.writing()
+                chunk = stream.frame(KEEPALIVE)
+            if chunk is not None:
+                if wire is None:
+                    yield chunk
+                    wire = stream.take_socket()
+                else:
+                    wire.send(chunk)
+                stream.sent_at = time.monotonic()
+            if stream.closed:
+                return
+            if _expired(stream):
+                stream.writing()
+                if wire is None:
+                    yield TOKEN_EXPIRED
+                else:
+                    wire.send(stream.frame(TOKEN_EXPIRED))
                 return
     finally:
         stream.release()
         _closed(app, stream)
 
 
-def _pieces(stream: Stream, keepalive: float) -> Iterator[bytes]:
-    """Queued events as they come, a comment when idle (keep-alive), as the stream frames them."""
-    wait = keepalive
-    while True:
-        chunk = stream.take(wait)
-        wait = keepalive
-        if chunk is not None:
-            yield chunk
-            stream.sent_at = time.monotonic()
-        if stream.closed:
-            return
-        expires = stream.grant.expires_at
-        if expires is not None and expires <= time.time():
-            stream.writing()
-            yield stream.frame(TOKEN_EXPIRED)
-            return
-        if chunk is None:
-            idle = time.monotonic() - stream.sent_at
-            if idle < keepalive:
-                wait = keepalive - idle  # events went out directly meanwhile
-            else:
-                stream.writing()
-                yield stream.frame(KEEPALIVE)
-                stream.sent_at = time.monotonic()
+def _expired(stream: Stream) -> bool:
+    expires = stream.grant.expires_at
+    return expires is not None and expires <= time.time()
 
 
 def _closed(app: Flask, stream: Stream) -> None:
