@@ -698,13 +698,16 @@ def _events(app: Flask, stream: Stream, keepalive: float) -> Iterator[bytes]:
         wire: Wire | None = None
         wait = keepalive
         while True:
+            sent_at = stream.sent_at
             chunk = stream.take(wait)
             wait = keepalive
             if chunk is None and not stream.closed and not _expired(stream):
-                idle = time.monotonic() - stream.sent_at
-                if idle < keepalive:
-                    wait = keepalive - idle  # events went out directly meanwhile
-                    continue
+                if stream.sent_at != sent_at:
+                    # Events went out directly meanwhile: idle only since the last.
+                    remaining = keepalive - (time.monotonic() - stream.sent_at)
+                    if remaining > 0:
+                        wait = remaining
+                        continue
                 stream.writing()
                 chunk = stream.frame(KEEPALIVE)
             if chunk is not None:
