@@ -589,6 +589,7 @@ def _open(
         metrics.subscription_changed(topic, 1)
     log.debug("sid=%s: stream of %s from %s", sid, ", ".join(topics), ip)
     return EventStreamResponse(
+        app,
         stream,
         _events(app, stream, float(settings.sse_keepalive)),
         mimetype="text/event-stream",
@@ -675,9 +676,17 @@ def _join(
 class EventStreamResponse(Response):
     """A stream's response: tells the stream which gevent pywsgi handler serves it."""
 
-    def __init__(self, stream: Stream, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, app: Flask, stream: Stream, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.app = app
         self.stream = stream
+
+    def close(self) -> None:
+        """Close the body; a stream whose body never ran (a HEAD request's) is forgotten here."""
+        super().close()
+        # Closing a generator that never started skips its `finally`: the
+        # stream would stay subscribed, counted and queueing for good.
+        _closed(self.app, self.stream)
 
     def __call__(self, environ: Any, start_response: Any) -> Any:
         """Start the response; the server's handler is the one whose `start_response` this is."""

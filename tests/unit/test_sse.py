@@ -194,11 +194,12 @@ class Client:
         self.comments = 0
         self.ended = False
 
-    def request(self) -> None:
-        self.sock.sendall(b"GET /sse HTTP/1.1\r\nHost: test\r\n\r\n")
+    def request(self, method: str = "GET") -> None:
+        self.sock.sendall(f"{method} /sse HTTP/1.1\r\nHost: test\r\n\r\n".encode())
         self.ended = False
-        while b"\r\n\r\n" not in self.buffer:
-            self._recv()
+        with gevent.Timeout(10):
+            while b"\r\n\r\n" not in self.buffer:
+                self._recv()
         head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200"), head
         assert b"Transfer-Encoding: chunked" in head, head
@@ -243,7 +244,15 @@ class Served:
         self.streams: list[Stream] = []
         self.readers: list[Any] = []
         self.small_send_buffer = False
-        app = SimpleNamespace(extensions={"tidings.sse": {}})
+        self.registry: dict[str, Stream] = {}
+        app = SimpleNamespace(
+            extensions={
+                "tidings.sse": self.registry,
+                "tidings.queue": None,
+                "tidings.connections": SimpleNamespace(by_sid={}, per_ip={}),
+                "tidings.presence": SimpleNamespace(disconnected=lambda sid: None),
+            }
+        )
 
         def application(environ: dict[str, Any], start_response: Any) -> Any:
             handler = start_response.__self__
@@ -254,7 +263,9 @@ class Served:
             stream.move("t", "0-0")
             stream.write(b"retry: 1000\n: tidings\n\n")
             self.streams.append(stream)
+            self.registry[stream.sid] = stream
             response = sse.EventStreamResponse(
+                app,  # type: ignore[arg-type]
                 stream,
                 sse._events(app, stream, keepalive),  # type: ignore[arg-type]
                 mimetype="text/event-stream",
@@ -331,6 +342,20 @@ def test_idle_streams_get_chunks_on_the_socket_without_a_switch(
     served.deliver(served.streams[1], 7)
     client.until(lambda: len(client.publications()) == 4)
     assert offsets_of(client)[-1] == "7-0"
+    assert list(served.registry) == [served.streams[1].sid]  # the first one is forgotten
+
+
+def test_a_head_request_leaves_no_stream_behind(serve: Callable[..., Served]) -> None:
+    served = serve()
+    client = Client(served.address)
+    client.request("HEAD")  # the body is never iterated
+    client.until(lambda: client.ended)  # (pywsgi ends even a HEAD answer's chunked body)
+    settle(lambda: not served.registry)
+    assert served.streams[0].closed
+    # The connection goes on.
+    client.request()
+    settle(lambda: len(served.streams) == 2 and served.streams[1]._wire is not None)
+    assert list(served.registry) == [served.streams[1].sid]
 
 
 def test_a_client_that_does_not_read_gets_the_rest_from_its_own_greenlet(
