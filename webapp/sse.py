@@ -67,6 +67,8 @@ from gevent.pywsgi import WSGIHandler
 from gevent.socket import socket as gevent_socket
 
 from tidings import metrics
+from tidings.event_stream import ID_VERSION, read_event_id
+from tidings.event_stream import position as encode_position
 from tidings.history import BEGINNING, parse_offset, recover_many
 from tidings.topics import is_valid_topic
 from webapp.addresses import client_address
@@ -85,7 +87,6 @@ MAX_TOPICS = 32
 MAX_QUERY_BYTES = 4096
 # How long `EventSource` waits before reconnecting after the stream ends (ms).
 RETRY_MS = 1000
-ID_VERSION = "1"
 SID_PREFIX = "sse:"
 # Bytes: the read buffer of a stream's connection once its response has
 # started (its client sends nothing more; a next request still parses).
@@ -94,46 +95,11 @@ KEEPALIVE = b": keep-alive\n\n"
 TOKEN_EXPIRED = b'event: token_expired\ndata: {"grace":0}\n\n'
 
 
-def encode_position(offset: str | None) -> str:
-    """Return one topic's position as it goes into an event id."""
-    pair = parse_offset(offset)
-    if pair is None:
-        return ""
-    if pair == (0, 0):
-        return "0"
-    return f"{_base36(pair[0])}.{_base36(pair[1])}"
-
-
 def decode_positions(last_event_id: str, topics: int) -> list[str | None]:
     """Return the offsets an event id holds for each of `topics` topics; ValueError if malformed."""
-    version, colon, body = last_event_id.partition(":")
-    if version != ID_VERSION or not colon or len(last_event_id) > 64 * MAX_TOPICS:
+    if len(last_event_id) > 64 * MAX_TOPICS:
         raise ValueError("not an id this server gave")
-    parts = body.split(",")
-    if len(parts) != topics:
-        raise ValueError(f"the id holds {len(parts)} positions for {topics} topics")
-    positions: list[str | None] = []
-    for part in parts:
-        if part == "":
-            positions.append(None)
-        elif part == "0":
-            positions.append(BEGINNING)
-        else:
-            ms, dot, seq = part.partition(".")
-            if not dot:
-                raise ValueError(f"bad position {part!r}")
-            positions.append(f"{int(ms, 36)}-{int(seq, 36)}")  # ValueError if not base 36
-    return positions
-
-
-def _base36(number: int) -> str:
-    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
-    out = ""
-    while True:
-        number, rest = divmod(number, 36)
-        out = digits[rest] + out
-        if not number:
-            return out
+    return read_event_id(last_event_id, topics)
 
 
 def publication_events(pubs: list[dict[str, Any]]) -> list[tuple[tuple[int, int], str, bytes]]:
@@ -754,15 +720,8 @@ def _closed(app: Flask, stream: Stream) -> None:
     manager: QueueManager | None = app.extensions["tidings.queue"]
     if manager is not None:
         manager.detach_stream(stream)
-    connections = app.extensions["tidings.connections"]
-    connection = connections.by_sid.pop(stream.sid, None)
+    app.extensions["tidings.connections"].forget(stream.sid)
     app.extensions["tidings.presence"].disconnected(stream.sid)
-    if connection is not None:
-        for topic in connection.grant.topics:
-            metrics.subscription_changed(topic, -1)
-        connections.per_ip[connection.ip] -= 1
-        if connections.per_ip[connection.ip] <= 0:
-            del connections.per_ip[connection.ip]
 
 
 def close_stream(app: Flask, sid: str) -> bool:

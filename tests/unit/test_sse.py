@@ -23,11 +23,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tidings.event_stream import Event, EventParser
+from tidings.event_stream import Event, EventParser, position
 from tidings.history import parse_offset
 from webapp import sse
 from webapp.grants import Grant
-from webapp.sse import Outgoing, Positions, Stream, encode_position, publication_events
+from webapp.realtime import Connections
+from webapp.sse import Outgoing, Positions, Stream, publication_events
 
 BIG = 10**9
 
@@ -50,7 +51,7 @@ class PerStream:
         self.pairs: dict[str, tuple[int, int]] = {}
 
     def move(self, topic: str, offset: str | None) -> None:
-        self.positions[topic] = encode_position(offset)
+        self.positions[topic] = position(offset)
         pair = parse_offset(offset)
         if pair is not None:
             self.pairs[topic] = pair
@@ -62,7 +63,7 @@ class PerStream:
             if after is not None and pair <= after:
                 continue
             after = pair
-            self.positions[topic] = encode_position(f"{pair[0]}-{pair[1]}")
+            self.positions[topic] = position(f"{pair[0]}-{pair[1]}")
             body = ",".join(self.positions[t] for t in self.topics)
             out += f"id: 1:{body}\n".encode() + text
         if after is not None:
@@ -74,7 +75,7 @@ def test_equal_positions_are_one_object() -> None:
     topics = ("a", "b")
     start = Positions.start(topics)
     assert Positions.start(("a", "b")) is start
-    moved = start.moved(0, encode_position("5-1"), (5, 1))
+    moved = start.moved(0, position("5-1"), (5, 1))
     assert moved is Positions.of(topics, ("5.1", ""), ((5, 1), None))
     assert moved.id_line == b"id: 1:5.1,\n"
     # The same offsets in other topics are other positions.
@@ -104,7 +105,7 @@ def test_streams_at_the_same_positions_share_one_build(monkeypatch: pytest.Monke
     texts = {queued(stream) for stream in streams}
     assert len(texts) == 1
     (text,) = texts
-    assert text.startswith(b"id: 1:" + encode_position("101-0").encode() + b",0\nevent: ")
+    assert text.startswith(b"id: 1:" + position("101-0").encode() + b",0\nevent: ")
     assert queued(behind).endswith(text)
     # Caught up, the one behind shares the others' positions from here on.
     assert behind.at is streams[0].at
@@ -249,7 +250,7 @@ class Served:
             extensions={
                 "tidings.sse": self.registry,
                 "tidings.queue": None,
-                "tidings.connections": SimpleNamespace(by_sid={}, per_ip={}),
+                "tidings.connections": Connections(),
                 "tidings.presence": SimpleNamespace(disconnected=lambda sid: None),
             }
         )
