@@ -105,6 +105,14 @@ def is_reply(pkt: Any) -> bool:
     )
 
 
+def _frame(pkt: packet.Packet) -> bytes:
+    """Return an engine.io packet as one websocket frame: text, or binary for bytes."""
+    encoded = pkt.encode()
+    if isinstance(encoded, str):
+        return encode_frame(encoded.encode())
+    return encode_frame(encoded, BINARY)
+
+
 class Layer:
     """What the websockets of one engine.io server share."""
 
@@ -149,11 +157,13 @@ class EngineWebSocket(Transport):
             eio.upgraded = True
             self.stage = LIVE
 
-    def start(self, early: bytes) -> None:
-        """Serve the connection: `early` are bytes read before the handover."""
+    def start(self, answer: bytes, early: bytes) -> None:
+        """Serve the connection: `answer` is the 101 not yet sent, `early` bytes already read."""
         self.layer.slim_environ(self.eio.sid)
         if self.stage == LIVE:
-            self._adopt()
+            self._adopt(answer)  # the 101 and the OPEN packet in one send()
+        elif answer:
+            self.write(answer, bounded=False)  # the client waits for it to probe
         if early:
             self.received(memoryview(early))
         self.start_reading()
@@ -165,13 +175,8 @@ class EngineWebSocket(Transport):
         if pkt is None:
             self.close_websocket(NORMAL)
             return
-        encoded = pkt.encode()
-        if isinstance(encoded, str):
-            frame = encode_frame(encoded.encode())
-        else:
-            frame = encode_frame(encoded, BINARY)
         # Only messages are bounded, as engine.io's queue was: never a PING or a CLOSE.
-        self.write(frame, reply=is_reply(pkt), bounded=pkt.packet_type == packet.MESSAGE)
+        self.write(_frame(pkt), reply=is_reply(pkt), bounded=pkt.packet_type == packet.MESSAGE)
 
     def join(self) -> None:
         """Return at once: a packet is framed and written (or backlogged) when put."""
@@ -191,20 +196,28 @@ class EngineWebSocket(Transport):
         """Refuse: engine.io never polls an upgraded socket."""
         raise self.eio.server.get_queue_empty_exception()
 
-    def _adopt(self) -> None:
-        """Become the socket's queue; send what engine.io queued before (OPEN, or polling's)."""
+    def _adopt(self, answer: bytes = b"") -> None:
+        """Become the socket's queue; send `answer`, then what engine.io had queued."""
         eio = self.eio
         queue, eio.queue = eio.queue, self
-        if queue is self:
-            return
+        chunks = [answer] if answer else []
+        closed = False
         empty = eio.server.get_queue_empty_exception()
         while True:
             try:
                 item = queue.get(block=False)
             except empty:
-                return
+                break
             queue.task_done()  # a close(wait=True) waiting in join() goes on
-            self.put(item)
+            if item is None:
+                closed = True
+                break
+            chunks.append(_frame(item))
+        if chunks:
+            # One send() for all of it; nothing is queued before, so no bound applies.
+            self.write(b"".join(chunks), bounded=False)
+        if closed:
+            self.put(None)
 
     # -- inbound ---------------------------------------------------------------------------
 
@@ -376,8 +389,8 @@ def _serve(self: engineio.socket.Socket, ws: Any) -> Any:
             return _engineio_handler(self, ws)
         finally:
             self.tidings_socket = None
-    fd, early, pool = taken
-    EngineWebSocket(layer, self, _socket.socket(fileno=fd), pool).start(early)
+    fd, answer, early, pool = taken
+    EngineWebSocket(layer, self, _socket.socket(fileno=fd), pool).start(answer, early)
     return []
 
 

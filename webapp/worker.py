@@ -31,10 +31,11 @@ from typing import Any
 
 from gevent import getcurrent
 from gevent.pool import Group, Pool
-from gevent.pywsgi import OldMessage
+from gevent.pywsgi import OldMessage, WSGIHandler
 from gevent.socket import socket as gevent_socket
 from geventwebsocket.gunicorn import workers
 from geventwebsocket.handler import WebSocketHandler
+from geventwebsocket.websocket import WebSocket
 from gunicorn.workers.ggevent import PyWSGIServer
 
 # Bytes. A client frame up to this size (header, mask, payload: every pong and
@@ -102,40 +103,98 @@ def _buffered(rfile: Any, sock: Any) -> bytes | None:
         sock.settimeout(timeout)
 
 
+class _Detached(WebSocket):
+    """A gevent-websocket WebSocket whose connection was handed over: nothing left to close."""
+
+    __slots__ = ()
+
+    def __del__(self) -> None:
+        # gevent-websocket's would try to send a close frame (building two
+        # classes on the way) on a socket that is no longer its own.
+        pass
+
+
 class SmallBufferWebSocketHandler(WebSocketHandler):
-    """gevent-websocket's handler: faster request headers, lighter upgraded connections."""
+    """gevent-websocket's handler: faster request headers, lighter upgraded connections.
+
+    The 101 answer of an upgrade is not written before the app runs, as
+    gevent-websocket does, but with the connection's first bytes: a websocket
+    handed over (`detach_websocket`) sends it with engine.io's OPEN packet in
+    one `send()`; any other app's websocket sends it on its first read or
+    write, and reads through a 512-byte buffer from then on.
+    """
 
     def MessageClass(self, fp: Any, *_: Any) -> OldMessage:  # pywsgi names it so
         """Parse the request headers (pywsgi calls this with its `rfile`)."""
         return parse_request_headers(fp)
 
+    def run_application(self) -> Any:
+        """gevent-websocket's, except that the 101 answer waits for the first bytes."""
+        if getattr(self.server, "pre_start_hook", None):
+            return super().run_application()
+        self.result = self.upgrade_websocket()
+        if hasattr(self, "websocket"):
+            self.run_websocket()
+            return None
+        if self.status:  # refused: the answer (a 400) goes out now
+            if not self.result:
+                self.result = []
+            self.process_result()
+            return None
+        return WSGIHandler.run_application(self)  # not an upgrade: the app answers
+
     def upgrade_connection(self) -> Any:
-        """Swap the 8 KB reader for a small one, upgrade as gevent-websocket does, drop headers."""
-        # Before the upgrade: the WebSocket's stream binds rfile.read when made.
-        # A compliant client sends no frame before the 101 answer, so the old
-        # reader is empty; if it is not, it is kept (correct, just larger).
-        old = self.rfile
-        if _buffered(old, self.socket) == b"":
-            small = self.socket.makefile("rb", UPGRADED_READ_BUFFER)
-            # Every holder of the old reader lets go, so its buffer is freed now.
-            self.rfile = small
-            if self.wsgi_input is not None:
-                self.wsgi_input.rfile = small
-            if self.environ.get("wsgi.input") is old:
-                self.environ["wsgi.input"] = small
-            old.close()  # drops its SocketIO's reference; the socket stays open
+        """Upgrade as gevent-websocket does; defer the answer; drop the parsed headers."""
         answer = super().upgrade_connection()
-        if self.environ.get("wsgi.websocket") is not None:
+        websocket = self.environ.get("wsgi.websocket")
+        if websocket is not None:
             # The parsed request headers (1-3 KB) are read only to build the
             # environ, which holds them too; the handler would keep them for
             # the websocket's life. The class default (empty) stays readable.
             self.__dict__.pop("headers", None)
+            # gevent-websocket reads frame headers through `stream.read`, the
+            # rest through `raw_read`, and writes through `raw_write`.
+            websocket.stream.read = websocket.raw_read = self._first_read
+            websocket.stream.write = websocket.raw_write = self._first_write
         return answer
 
-    def detach_websocket(self) -> tuple[int, bytes, KeepingPool | None] | None:
+    def _answer(self) -> None:
+        """Send the 101 answer if it has not gone out yet."""
+        if not self.headers_sent and self.status:
+            self.write(b"")
+
+    def _first_read(self, size: int) -> bytes:
+        """Answer the upgrade, then read through a 512-byte buffer (or the kept 8 KB one)."""
+        self._answer()
+        websocket = self.websocket
+        old = self.rfile
+        reader = old
+        # A compliant client sends no frame before the 101 answer, so the old
+        # reader is empty; if it is not, it is kept (correct, just larger).
+        if _buffered(old, self.socket) == b"":
+            reader = self.socket.makefile("rb", UPGRADED_READ_BUFFER)
+            # Every holder of the old reader lets go, so its buffer is freed now.
+            self.rfile = reader
+            if self.wsgi_input is not None:
+                self.wsgi_input.rfile = reader
+            if self.environ.get("wsgi.input") is old:
+                self.environ["wsgi.input"] = reader
+            old.close()  # drops its SocketIO's reference; the socket stays open
+        websocket.stream.read = websocket.raw_read = reader.read
+        return reader.read(size)
+
+    def _first_write(self, data: bytes) -> Any:
+        """Answer the upgrade, then write as gevent-websocket does."""
+        self._answer()
+        websocket = self.websocket
+        websocket.stream.write = websocket.raw_write = self.socket.sendall
+        return self.socket.sendall(data)
+
+    def detach_websocket(self) -> tuple[int, bytes, bytes, KeepingPool | None] | None:
         """Give the upgraded connection's socket away; None if it cannot be (TLS, an error).
 
-        Returns the file descriptor (now the caller's to close), the bytes
+        Returns the file descriptor (now the caller's to close), the 101
+        answer if it has not been sent (the caller sends it first), the bytes
         read past the request (a client may send its first frame right after
         the 101), and the pool whose slot the caller now holds (call its
         `release_kept` once the connection is closed). The handler then ends
@@ -148,6 +207,15 @@ class SmallBufferWebSocketHandler(WebSocketHandler):
         early = _buffered(self.rfile, sock)
         if early is None:
             return None
+        answer = b""
+        if not self.headers_sent and self.status:
+            written: list[bytes] = []
+            self._sendall = written.append  # pywsgi formats, this keeps
+            try:
+                self.write(b"")
+            finally:
+                del self._sendall
+            answer = b"".join(written)
         pool = getattr(self.server, "pool", None)
         kept = pool if isinstance(pool, KeepingPool) else None
         if kept is not None:
@@ -156,8 +224,10 @@ class SmallBufferWebSocketHandler(WebSocketHandler):
         # sending a close frame; pywsgi's handle() closes `self.socket`.
         websocket.closed = True
         websocket.stream = websocket.raw_write = websocket.raw_read = None
+        if type(websocket) is WebSocket:
+            websocket.__class__ = _Detached
         self.socket = None
-        return sock.detach(), bytes(early), kept
+        return sock.detach(), answer, bytes(early), kept
 
 
 class KeepingPool(Pool):

@@ -320,3 +320,14 @@ def test_a_failed_upgrade_leaves_the_polling_session(harness: Harness) -> None:
     harness.server.emit("still", 1, to=sid)
     answer = http(harness, "GET", f"/socket.io/?EIO=4&transport=polling&sid={eio_sid}")
     assert b'42["still",1]' in answer
+
+
+def test_the_upgrade_answer_and_the_open_packet_go_out_in_one_send(harness: Harness) -> None:
+    sock = gevent.socket.create_connection(harness.address)
+    sock.sendall(handshake("/socket.io/?EIO=4&transport=websocket"))
+    with gevent.Timeout(5):
+        data = sock.recv(65536)  # one segment: everything of one send()
+    head, _, rest = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101")
+    assert Browser(sock, rest).texts(1)[0].startswith("0{")
+    sock.close()

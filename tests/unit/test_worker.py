@@ -33,9 +33,10 @@ def echo(environ: dict[str, Any], start_response: Any) -> list[bytes]:
     if ws is None:
         start_response("200 OK", [("Content-Type", "text/plain")])
         return [b"plain"]
-    readers.append(sys.getsizeof(environ["wsgi.input"]))
     kept_headers.append("headers" in vars(ws.handler))
     while (message := ws.receive()) is not None:
+        if not readers:  # the reader is chosen at the first read (the 101 goes out then)
+            readers.append(sys.getsizeof(environ["wsgi.input"]))
         ws.send(message)
     return []
 
@@ -214,8 +215,9 @@ def test_only_a_plain_gevent_socket_is_handed_over_with_what_was_read() -> None:
     peer.sendall(b"early frame")
     taken = handler.detach_websocket()
     assert taken is not None
-    fd, early, pool = taken
+    fd, answer, early, pool = taken
     assert early == b"early frame" and pool is None and handler.socket is None
+    assert answer == b""  # no start_response here: nothing to answer
     assert handler.environ["wsgi.websocket"].closed  # no close frame from the handler
     ours.close()  # the gevent socket no longer owns the descriptor
     os.write(fd, b"still open")
