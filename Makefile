@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell cksum < requirements.lock | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-fast lint format system-deps lock clean bench bench-quick js
+.PHONY: help install run test test-fast lint format system-deps lock clean bench bench-quick js soak
 
 help: ## Show this help.
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -76,6 +76,9 @@ bench-quick: install ## The same benchmark at small sizes (~1 min); prints the t
 
 js: ## Rebuild webapp/static/tidings.js (and clients/js/dist) from clients/js/src (plain node).
 	node clients/js/scripts/build.mjs
+
+soak: install ## 30 min of mixed load, RSS and open files of every process sampled (< 35 min; needs node): bench/soak.png, a line in bench/RESULTS.md.
+	PATH="$(BIN):$$PATH" $(BIN)/python -m bench.soak
 
 clean: ## Remove the virtualenv and local data.
 	rm -rf $(VENV) .data .pytest_cache .ruff_cache clients/js/node_modules clients/js/dist

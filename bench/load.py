@@ -8,13 +8,14 @@ import os
 import time
 from array import array
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from subprocess import PIPE, Popen
 from typing import Any, Self
 
 import redis
+import websocket
 from hiredis import pack_command
 
 from bench.measure import cpu_seconds
@@ -22,6 +23,8 @@ from bench.systems import PEERS, node_binary
 
 TOPIC_PREFIX = "tidings:topic:"
 INGEST_STREAM = "tidings:ingest"
+# How a `publications` event's frame starts (a Socket.IO EVENT packet, no ack id).
+PUBLICATIONS = '42["publications"'
 
 
 def now_ms() -> float:
@@ -194,11 +197,19 @@ class Generators(NodeProcesses):
         return (end - start) / 1000, sum(a["failed"] for a in answers), errors
 
     def stat(self) -> dict[str, float]:
-        """Return the merged counters: received, open, ready, unexpected_closes, last_ms."""
+        """Return the merged counters: received, open, ready, unexpected_closes, ..., last_ms."""
         answers = self._ask({"cmd": "stat"}, "stat")
         merged: dict[str, float] = Counter()
         for answer in answers:
-            for key in ("received", "events", "open", "ready", "failed", "unexpected_closes"):
+            for key in (
+                "received",
+                "events",
+                "open",
+                "ready",
+                "failed",
+                "unexpected_closes",
+                "server_closes",
+            ):
                 merged[key] += answer[key]
         merged["last_ms"] = max(a["last_ms"] for a in answers)
         return merged
@@ -221,16 +232,31 @@ class Generators(NodeProcesses):
         """Forget what was received so far."""
         self._ask({"cmd": "reset"}, "reset")
 
+    def _ask_with_files(self, command: dict[str, Any], event: str) -> list[dict[str, Any]]:
+        """Send `command` with a latency file of its own to each process; return the answers."""
+        for proc, path in zip(self.procs, self._latency_files(), strict=True):
+            assert proc.stdin is not None
+            proc.stdin.write(json.dumps({**command, "latfile": str(path)}) + "\n")
+            proc.stdin.flush()
+        return [self._read(proc, event) for proc in self.procs]
+
+    def _latency_files(self) -> list[Path]:
+        return [self.workdir / f"latencies{i}.bin" for i in range(len(self.procs))]
+
+    def window(self) -> array:
+        """Return the latencies (ms) received since the last window, and forget them."""
+        self._ask_with_files({"cmd": "window"}, "window")
+        latencies = array("d")
+        for path in self._latency_files():
+            latencies.frombytes(path.read_bytes())
+            path.unlink()
+            path.with_name(path.name + ".n").unlink(missing_ok=True)
+        return latencies
+
     def report(self, expected: dict[str, int]) -> Delivery:
         """Return what every client received, against `expected` publications per topic."""
-        files = [self.workdir / f"latencies{i}.bin" for i in range(len(self.procs))]
-        line = json.dumps({"cmd": "report", "expected": expected})
-        answers = []
-        for proc, path in zip(self.procs, files, strict=True):
-            assert proc.stdin is not None
-            proc.stdin.write(line[:-1] + f', "latfile": {json.dumps(str(path))}}}\n')
-            proc.stdin.flush()
-        answers = [self._read(proc, "report") for proc in self.procs]
+        files = self._latency_files()
+        answers = self._ask_with_files({"cmd": "report", "expected": expected}, "report")
         result = Delivery()
         for answer, path in zip(answers, files, strict=True):
             result.clients += answer["clients"]
@@ -333,3 +359,68 @@ class Publisher:
         """Close the Redis connection."""
         self.redis.connection_pool.release(self._connection)
         self.redis.close()
+
+
+class RawClientError(RuntimeError):
+    """A raw client's server did not answer as the protocol says, or not in time."""
+
+
+class RawClient:
+    """One Socket.IO client on a websocket, its frames read by hand: each step visible, cheap."""
+
+    def __init__(self, url: str, timeout: float = 10) -> None:
+        self.timeout = timeout
+        self.ack_id = 0
+        # Sees every text frame as it is read (whoever waits for what).
+        self.on_frame: Callable[[str], None] = lambda frame: None
+        self.ws = websocket.create_connection(
+            url.replace("http", "ws", 1) + "/socket.io/?EIO=4&transport=websocket",
+            timeout=timeout,
+            skip_utf8_validation=True,
+        )
+        try:
+            self.until(lambda frame: frame.startswith("0"), "engine.io open")
+            self.ws.send("40")
+            self.until(lambda frame: frame.startswith("40"), "namespace connect")
+        except BaseException:
+            self.ws.shutdown()
+            raise
+
+    def frames(self, seconds: float) -> Iterator[str]:
+        """Yield the text frames that arrive within `seconds`, answering engine.io's pings."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            self.ws.settimeout(left)
+            try:
+                frame = self.ws.recv()
+            except websocket.WebSocketTimeoutException:
+                return
+            if not isinstance(frame, str):
+                continue
+            if frame == "2":
+                self.ws.send("3")
+                continue
+            self.on_frame(frame)
+            yield frame
+
+    def until(self, found: Callable[[str], bool], what: str) -> str:
+        """Read frames until one is `found`; raise if none is within the timeout."""
+        for frame in self.frames(self.timeout):
+            if found(frame):
+                return frame
+        raise RawClientError(f"no {what} within {self.timeout:g}s")
+
+    def call(self, event: str, topic: str) -> dict[str, Any]:
+        """Emit `event` {"topic"} and return its ack; a refusal raises."""
+        self.ack_id += 1
+        ack = f"43{self.ack_id}["
+        self.ws.send(f"42{self.ack_id}" + json.dumps([event, {"topic": topic}]))
+        frame = self.until(lambda f: f.startswith(ack), f"{event} ack")
+        answer = json.loads(frame[len(ack) - 1 :])
+        if not answer or not isinstance(answer[0], dict) or not answer[0].get("ok"):
+            raise RawClientError(f"{event} {topic}: {answer}")
+        return answer[0]
+
+    def close(self) -> None:
+        """Drop the connection at once (no close handshake)."""
+        self.ws.shutdown()

@@ -214,9 +214,13 @@ class Tidings(System):
 
     durable = True
 
-    def __init__(self, directory: Path, workers: int = 1) -> None:
+    def __init__(
+        self, directory: Path, workers: int = 1, env: dict[str, str] | None = None
+    ) -> None:
         super().__init__(directory)
         self.workers = workers
+        # Settings of a run's own (the soak's), over the ones below.
+        self.env = env or {}
         self.name = f"tidings-{workers}w"
         self.description = (
             f"Tidings: `gunicorn -c gunicorn.conf.py` (WEB_CONCURRENCY={workers}) "
@@ -230,6 +234,7 @@ class Tidings(System):
             "WEB_CONCURRENCY": str(self.workers),
             # A per-IP connection cap would refuse the loopback load generator.
             "TIDINGS_MAX_CONNECTIONS_PER_IP": "1000000",
+            **self.env,
         }
         self._spawn("web", [str(VENV_BIN / "gunicorn"), "-c", "gunicorn.conf.py"], env)
         self._spawn("worker", [str(VENV_BIN / "celery"), "-A", "tasks", "worker"], env)

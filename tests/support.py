@@ -560,6 +560,43 @@ class Nginx:
 # -- a bare Socket.IO connect, from a source address of the test's choosing ---------------
 
 
+class ChunkedServer:
+    """A one-connection HTTP server: answers 200 with `pieces` as chunks, then hangs up or waits."""
+
+    def __init__(self, pieces: list[bytes], *, hang_up: bool) -> None:
+        self.pieces = pieces
+        self.hang_up = hang_up
+        self.release = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:  # closed before anybody connected
+            return
+        with conn:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += conn.recv(4096)
+            head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            conn.sendall(head + b"Transfer-Encoding: chunked\r\n\r\n")
+            for piece in self.pieces:
+                conn.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+            if not self.hang_up:
+                self.release.wait(10)  # a stream that stays open and silent
+
+    def close(self) -> None:
+        """Let the connection end; stop listening."""
+        self.release.set()
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes an accept() still waiting
+        self.thread.join(timeout=10)
+        self.listener.close()
+
+
 class BareConnect:
     """One websocket to `/socket.io/`, Socket.IO CONNECT sent, the answer read; kept open.
 

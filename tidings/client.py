@@ -1,47 +1,34 @@
-"""A small Python client for services and tests: subscribe, recover, de-duplicate.
+"""The Python client over Socket.IO: subscribe, recover, de-duplicate.
 
 It keeps the last offset of every topic, resubscribes with `since` after any
 reconnect, delivers recovered publications before live ones, drops anything
 at or below the last offset, and reports a history gap (`recovered: false`)
-through `on_gap` so the application can resync. The same rules as
-`clients/js` (the JavaScript client).
+through `on_gap` so the application can resync: the rules of
+`tidings.client_core`, shared with the Server-Sent Events client
+(`tidings.client_sse.SseClient`) and the same as `clients/js` (the
+JavaScript client).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import random
 import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import engineio
 import socketio
 
-from tidings.history import BEGINNING, parse_offset
+from tidings.client_core import RETRIED_ERRORS, ClientCore, Handler, Token, resubscribe_delay
+from tidings.client_sse import SseClient
 
 log = logging.getLogger("tidings.client")
 
-Handler = Callable[[dict[str, Any]], None]
-
-# Resubscribe answers that are asked again after a backoff.
-RETRIED_ERRORS = ("unavailable", "limit")
-# Resubscribe retries wait 50 ms, doubling up to 2 s, each drawn from 50% to
-# 150% of its step: clients refused together (a worker that is not yet
-# subscribed to its queue answers all of them `unavailable` at once) must not
-# all ask again together.
-RESUBSCRIBE_DELAY = 0.05
-RESUBSCRIBE_DELAY_MAX = 2.0
-
-
-def resubscribe_delay(attempt: int) -> float:
-    """Seconds before resubscribe retry `attempt` (0, 1, ...): doubling, capped, jittered."""
-    step = min(RESUBSCRIBE_DELAY * 2**attempt, RESUBSCRIBE_DELAY_MAX)
-    return step * random.uniform(0.5, 1.5)
+# Both clients from one import: `from tidings.client import SseClient, TidingsClient`.
+__all__ = ["SseClient", "TidingsClient"]
 
 
 class _InOrderEngineIO(engineio.Client):
@@ -63,16 +50,8 @@ class _InOrderClient(socketio.Client):
         return _InOrderEngineIO
 
 
-@dataclass
-class _Topic:
-    last: tuple[int, int] | None = None
-    last_offset: str | None = None
-    pending: bool = False
-    buffered: list[dict[str, Any]] = field(default_factory=list)
-
-
-class TidingsClient:
-    """Subscribes to topics on a Tidings server and calls `on_publication` once per offset."""
+class TidingsClient(ClientCore):
+    """Subscribes to topics over Socket.IO and calls `on_publication` once per offset."""
 
     def __init__(
         self,
@@ -80,7 +59,7 @@ class TidingsClient:
         *,
         on_publication: Handler,
         on_gap: Callable[[str], None] | None = None,
-        token: str | None = None,
+        token: Token = None,
         transports: list[str] | None = None,
         reconnection_delay: float = 0.2,
         ack_timeout: float = 10,
@@ -88,22 +67,16 @@ class TidingsClient:
         on_unsubscribed: Callable[[str], None] | None = None,
         **client_options: Any,
     ) -> None:
-        self.url = url
-        self.on_publication = on_publication
-        self.on_gap = on_gap or (lambda topic: None)
-        # Every publication as it arrives, before de-duplication (tests count these).
-        self.on_raw = on_raw or (lambda pub: None)
-        # The server unsubscribed this client from a topic (POST /api/unsubscribe).
-        self.on_unsubscribed = on_unsubscribed or (lambda topic: None)
-        self.token = token
+        super().__init__(
+            url,
+            on_publication=on_publication,
+            on_gap=on_gap,
+            token=token,
+            ack_timeout=ack_timeout,
+            on_raw=on_raw,
+            on_unsubscribed=on_unsubscribed,
+        )
         self.transports = transports or ["websocket"]
-        self.ack_timeout = ack_timeout
-        self.recovered = 0
-        self.gaps = 0
-        self.connects = 0
-        self._lock = threading.RLock()
-        self._closed = False
-        self._topics: dict[str, _Topic] = {}
         # websocket-client checks every text frame's UTF-8 in pure Python:
         # ~170 us per 1 KB frame, a thousand times `bytes.decode`, which checks
         # it again anyway (bench/python_client.py: 20x the client's CPU).
@@ -137,7 +110,8 @@ class TidingsClient:
         """Connect (and keep reconnecting on loss)."""
         self.sio.connect(
             self.url,
-            auth={"token": self.token} if self.token else None,
+            # A function: python-socketio calls it at every (re)connection.
+            auth=self._auth,
             transports=self.transports,
             wait_timeout=timeout,
             retry=True,
@@ -148,16 +122,13 @@ class TidingsClient:
         self._closed = True
         self.sio.disconnect()
 
-    def subscribe(self, topic: str, timeout: float | None = None) -> dict[str, Any]:
-        """Subscribe (with `since` when this client has seen the topic) and return the ack."""
-        with self._lock:
-            state = self._topics.setdefault(topic, _Topic())
-            state.pending = True
-            payload: dict[str, Any] = {"topic": topic}
-            if state.last_offset is not None:
-                payload["since"] = state.last_offset
+    def subscribe(
+        self, topic: str, *, since: str | None = None, timeout: float | None = None
+    ) -> dict[str, Any]:
+        """Subscribe (from `since`, or where this client stopped) and return the ack."""
+        payload = self._begin_subscribe(topic, since)
         ack = self.sio.call("subscribe", payload, timeout=timeout or self.ack_timeout)
-        self._on_ack(topic, payload, ack)
+        self._on_ack(topic, payload, ack, where=f"sid {self.sio.get_sid()}")
         return ack
 
     def unsubscribe(self, topic: str, timeout: float = 10) -> dict[str, Any]:
@@ -166,13 +137,11 @@ class TidingsClient:
             self._topics.pop(topic, None)
         return self.sio.call("unsubscribe", {"topic": topic}, timeout=timeout)
 
-    def last_offset(self, topic: str) -> str | None:
-        """Return the last offset delivered for `topic`."""
-        with self._lock:
-            state = self._topics.get(topic)
-            return state.last_offset if state else None
-
     # -- internals -------------------------------------------------------------
+
+    def _auth(self) -> dict[str, str] | None:
+        token = self.current_token()
+        return {"token": token} if token else None
 
     def _on_disconnect(self, reason: Any = None) -> None:
         log.debug("connection %d disconnected (%s)", self.connects, reason)
@@ -229,75 +198,3 @@ class TidingsClient:
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
-
-    def _on_ack(self, topic: str, sent: dict[str, Any], ack: Any) -> None:
-        with self._lock:
-            state = self._topics.get(topic)
-            if state is None:
-                return
-            state.pending = False
-            buffered, state.buffered = state.buffered, []
-            if not isinstance(ack, dict) or not ack.get("ok"):
-                log.warning("subscribe %s refused: %s", topic, ack)
-                return
-            log.debug(
-                "sid %s subscribed %s since %s: offset %s, recovered %s (%d), %d buffered",
-                self.sio.get_sid(),
-                topic,
-                sent.get("since"),
-                ack.get("offset"),
-                ack.get("recovered"),
-                len(ack.get("publications") or ()),
-                len(buffered),
-            )
-            if "since" in sent:
-                if ack.get("recovered"):
-                    recovered = ack.get("publications", [])
-                    self.recovered += len(recovered)
-                    for pub in recovered:
-                        self.on_raw(pub)
-                        self._deliver(state, pub)
-                else:
-                    self.gaps += 1
-                    self.on_gap(topic)
-                    self._move_to(state, ack.get("offset"))
-            else:
-                self._move_to(state, ack.get("offset"))
-            for pub in buffered:
-                self._deliver(state, pub)
-
-    def _move_to(self, state: _Topic, offset: str | None) -> None:
-        # An empty topic: resume from its beginning after a reconnect.
-        offset = offset or BEGINNING
-        pair = parse_offset(offset)
-        if pair is not None and (state.last is None or pair > state.last):
-            state.last, state.last_offset = pair, offset
-
-    def _on_unsubscribed(self, info: Any) -> None:
-        """Forget a topic the server ended, so that no reconnect subscribes to it again."""
-        topic = info.get("topic") if isinstance(info, dict) else None
-        with self._lock:
-            if self._topics.pop(topic, None) is None:  # type: ignore[arg-type]
-                return
-        self.on_unsubscribed(topic)  # type: ignore[arg-type]
-
-    def _on_publications(self, publications: Any) -> None:
-        if not isinstance(publications, list):
-            return
-        with self._lock:
-            for pub in publications:
-                self.on_raw(pub)
-                state = self._topics.get(pub.get("topic")) if isinstance(pub, dict) else None
-                if state is None:
-                    continue
-                if state.pending:
-                    state.buffered.append(pub)
-                else:
-                    self._deliver(state, pub)
-
-    def _deliver(self, state: _Topic, pub: dict[str, Any]) -> None:
-        pair = parse_offset(pub.get("offset"))
-        if pair is None or (state.last is not None and pair <= state.last):
-            return
-        state.last, state.last_offset = pair, pub["offset"]
-        self.on_publication(pub)

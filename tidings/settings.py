@@ -59,6 +59,8 @@ class Settings:
     # Milliseconds a web worker stays subscribed to a topic's queue channel
     # after its last local client of the topic left (webapp/routing.py).
     queue_linger_ms: int = 2000
+    # Seconds between keep-alive comments on an idle SSE stream.
+    sse_keepalive: int = 15
     max_publish_body: int = 1024 * 1024
     max_publish_batch: int = 1000
     # The Sentinel master name of a sentinel:// broker (TIDINGS_SENTINEL_MASTER,
@@ -135,6 +137,7 @@ class Settings:
             ),
             trusted_proxies=_trusted_proxies(env),
             queue_linger_ms=_int(env, "TIDINGS_QUEUE_LINGER_MS", cls.queue_linger_ms, 0, 3_600_000),
+            sse_keepalive=_int(env, "TIDINGS_SSE_KEEPALIVE", cls.sse_keepalive, 1, 3600),
             max_publish_body=_int(
                 env, "TIDINGS_MAX_PUBLISH_BODY", cls.max_publish_body, 1024, 1 << 30
             ),

@@ -35,6 +35,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         presence,
         realtime,
         server_api,
+        sse,
     )
     from webapp.extensions import socketio
     from webapp.origins import allowed_origins
@@ -90,7 +91,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     )
     pings.install()
     # presence before realtime: the Socket.IO handlers call its hooks.
-    for feature in (presence, realtime, health, api, dashboard, cli, metrics, ops, doctor):
+    for feature in (presence, realtime, sse, health, api, dashboard, cli, metrics, ops, doctor):
         feature.init_app(app)
     for feature in (server_api, operator_cli):  # the server API (issue 14)
         feature.init_app(app)

@@ -41,7 +41,7 @@ from tidings.revocation import Revocations
 from tidings.settings import Settings
 from tidings.stats import worker_name
 from tidings.topics import is_valid_topic
-from webapp import extensions
+from webapp import extensions, sse
 from webapp.grants import Grant
 
 log = logging.getLogger("tidings.presence")
@@ -244,12 +244,17 @@ class Presence:
         refuses = self.revocations.refuses
         sids = self.local.matching(lambda m: refuses(m.sub, m.issued_at, m.token_id))
         for sid in sids:
-            self.server.disconnect(sid, namespace=NAMESPACE)
+            self._disconnect(sid)
         if sids:
             log.info("revocations: closed %d connections", len(sids))
         return len(sids)
 
     # -- operator commands ---------------------------------------------------------------
+
+    def _disconnect(self, sid: str) -> None:
+        """Close a connection of this node: a Socket.IO one, or an SSE stream."""
+        if not sse.close_stream(self.app, sid):
+            self.server.disconnect(sid, namespace=NAMESPACE)
 
     def handle(self, command: dict[str, Any]) -> int:
         """Act on an operator command on this node's connections; return how many it touched."""
@@ -258,13 +263,15 @@ class Presence:
         if op == "disconnect":
             for sub in command["subs"]:
                 for sid in self.local.sids_of(sub):
-                    self.server.disconnect(sid, namespace=NAMESPACE)
+                    self._disconnect(sid)
                     count += 1
         elif op == "unsubscribe":
             realtime = self.app.extensions["tidings.realtime"]
             for sub, topic in command["pairs"]:
                 for sid in self.local.sids_of(sub):
-                    if self.local.is_subscribed(sid, topic):
+                    if sse.drop_topic(self.app, sid, topic):  # an SSE stream: told there
+                        count += 1
+                    elif self.local.is_subscribed(sid, topic):
                         realtime.unsubscribe(sid, {"topic": topic})
                         self.server.emit(
                             "unsubscribed",

@@ -55,6 +55,7 @@ from tidings.pubsub import PubSubConnection, is_pong
 from webapp import fanout
 from webapp.backpressure import abort_connection
 from webapp.routing import LINGER_SECONDS, LIVE, Route, Routes
+from webapp.sse import Stream, publication_events
 
 log = logging.getLogger("tidings.queue")
 
@@ -63,8 +64,10 @@ BACKOFF_START = 0.05
 BACKOFF_MAX = 1.0
 # The loop wakes at least every POLL_SECONDS; older than this means it is stuck.
 STALE_AFTER_SECONDS = 5.0
-# Queue messages handled before the loop lets other greenlets run.
+# Queue messages handled before the loop lets other greenlets run, and the
+# longest it handles them without doing so.
 REPLIES_PER_TURN = 256
+TURN_SECONDS = 0.02
 # How often the counts of routed deliveries reach the metrics: each write is
 # a memory-mapped file update in multiprocess mode, too dear per read.
 FLUSH_SECONDS = 0.5
@@ -141,6 +144,9 @@ class QueueManager(socketio.PubSubManager):
         self._wake = threading.Event()  # the command writer has work
         # topic -> sid -> Join: clients between `begin_join` and `finish_join`.
         self._joins: dict[str, dict[str, Join]] = {}
+        # topic -> sid -> SSE stream (webapp.sse): subscribers that are no
+        # Socket.IO room members. Each keeps its own position per topic.
+        self._streams: dict[str, dict[str, Stream]] = {}
         # topic -> sid -> (offset, eio sid): members who joined at an offset
         # this worker's stream of the topic may not have passed yet (their
         # history read ran ahead of the socket): what is not newer is not
@@ -242,6 +248,7 @@ class QueueManager(socketio.PubSubManager):
         name = room(topic)
         members = self.rooms.get("/", {}).get(name)
         joins = self._joins.get(topic)
+        streams = self._streams.get(topic)
         parts = split_message(raw)
         if parts is None:
             # Not the forward script's shape (an older listener, an operator's
@@ -255,7 +262,7 @@ class QueueManager(socketio.PubSubManager):
         entered = meta.get("t")
         count = len(entered) if isinstance(entered, list) else 1
         self.received += count
-        if not members and not joins:
+        if not members and not joins and not streams:
             return  # lingering, or every client left while it was on its way
         self.delivered += count
         last = parse_offset(meta.get("last"))
@@ -268,6 +275,15 @@ class QueueManager(socketio.PubSubManager):
             with self._lock:
                 for join in self._joins.get(topic, {}).values():
                     join.held.append((listing, last))
+        if streams:
+            with contextlib.suppress(ValueError):
+                events = publication_events(_decode(listing.decode())[0])
+                for stream in list(streams.values()):
+                    sent = stream.send(topic, events)
+                    if sent:
+                        self.batch.sent(1, 0)
+            if last is not None:
+                self._shown[topic] = (last, meta["last"])
         if members:
             recipients = list(members.values())
             behind: list[tuple[str, tuple[int, int]]] = []
@@ -416,6 +432,39 @@ class QueueManager(socketio.PubSubManager):
             # read is marked as such: a catch-up then replays from its start.
             self.note_offset(join.topic, position or BEGINNING)
 
+    def attach_stream(self, stream: Stream, joins: list[Join]) -> None:
+        """Make an SSE stream a subscriber of its joins' topics, after its first events.
+
+        What the joins held is sent now (the stream drops what its position
+        already covers); from here on the stream gets each topic's messages.
+        """
+        for join in joins:
+            with self._lock:
+                if not self._drop_join(join):
+                    continue
+                held = join.held
+            topic = join.topic
+            for listing, _ in held:
+                with contextlib.suppress(ValueError):
+                    stream.send(topic, publication_events(json.loads(listing)))
+            first = not self._has_local(topic)
+            self._streams.setdefault(topic, {})[stream.sid] = stream
+            if first:
+                self.note_offset(topic, stream.offset(topic) or BEGINNING)
+
+    def detach_stream(self, stream: Stream, topics: Iterable[str] | None = None) -> None:
+        """Stop sending an SSE stream its topics (all of them by default)."""
+        for topic in stream.topics if topics is None else topics:
+            streams = self._streams.get(topic)
+            if streams is not None and streams.pop(stream.sid, None) is not None:
+                if not streams:
+                    del self._streams[topic]
+                self._maybe_vacate(topic)
+
+    def _has_local(self, topic: str) -> bool:
+        """Tell whether a client here (room member or stream) receives the topic."""
+        return bool(self.rooms.get("/", {}).get(room(topic)) or self._streams.get(topic))
+
     def cancel_joins_of(self, sid: str, topic: str) -> None:
         """Cancel `sid`'s join of `topic` still under way, if any (it unsubscribed)."""
         with self._lock:
@@ -459,7 +508,7 @@ class QueueManager(socketio.PubSubManager):
             self._maybe_vacate(room[2:])
 
     def _maybe_vacate(self, topic: str) -> None:
-        if self.rooms.get("/", {}).get(room(topic)):
+        if self._has_local(topic):
             return
         with self._lock:
             if topic not in self._joins:
@@ -531,8 +580,14 @@ class QueueManager(socketio.PubSubManager):
         flushed = 0.0
         while not self._closed:
             replies = connection.read(POLL_SECONDS, max_replies=REPLIES_PER_TURN)
-            self.last_poll = time.monotonic()
+            self.last_poll = turn = time.monotonic()
             for reply in replies:
+                if time.monotonic() - turn > TURN_SECONDS:
+                    # A worker short of CPU (or a message to very many clients)
+                    # must still let gunicorn's heartbeat and the clients'
+                    # PONG readers run: starved for 30 s, gunicorn kills it.
+                    time.sleep(0)  # gevent-patched: a switch
+                    turn = time.monotonic()
                 if not isinstance(reply, list) or len(reply) < 3:
                     if isinstance(reply, redis.ResponseError):
                         log.error("message queue: Redis refused a command: %s", reply)
@@ -562,13 +617,19 @@ class QueueManager(socketio.PubSubManager):
                         continue
                     with self._lock:
                         route = self.routes.confirmed(channel.decode())
-                    if route is not None and self.recipients(room(route.topic)):
+                    if route is not None and self._has_local(route.topic):
                         # Clients here while the channel was not subscribed
                         # (a reconnect): what they missed is in history.
                         caught_up.append(route)
                 elif kind == b"unsubscribe":
                     with self._lock:
-                        self.routes.left(channel.decode())
+                        gone = self.routes.left(channel.decode())
+                    if gone is not None:
+                        # Nobody here wants the topic: nothing to catch up,
+                        # nothing to remember (377 B per topic ever served).
+                        self._shown.pop(gone, None)
+                        self._replayed.pop(gone, None)
+                        self._fresh.pop(gone, None)
             if caught_up:
                 self._catch_up(caught_up)
                 caught_up = []
@@ -649,7 +710,7 @@ class QueueManager(socketio.PubSubManager):
         wanted = []
         for route in routes:
             shown = self._shown.get(route.topic)
-            if shown is not None and self.recipients(room(route.topic)):
+            if shown is not None and self._has_local(route.topic):
                 wanted.append((route.topic, shown[1]))
         if not wanted:
             return
@@ -665,6 +726,8 @@ class QueueManager(socketio.PubSubManager):
                 )
                 for _, eio_sid in participants:
                     abort_connection(self.server.eio, eio_sid)
+                for stream in list(self._streams.get(topic, {}).values()):
+                    stream.close()  # it reconnects, resumes and is told `recovered: false`
                 continue
             pubs = recovery.publications
             if not pubs:
@@ -675,6 +738,9 @@ class QueueManager(socketio.PubSubManager):
                 len(pubs),
                 extra={"topic": topic},
             )
+            events = publication_events(pubs)
+            for stream in list(self._streams.get(topic, {}).values()):
+                stream.send(topic, events)
             fresh = self._fresh.pop(topic, {})
             skip = [sid for sid in fresh if sid in dict(participants)]
             self._emit_here("publications", pubs, "/", name, skip)

@@ -228,6 +228,11 @@ class Handlers:
             log.warning("subscribe %s: this worker is not subscribed to the message queue", topic)
             return _error("unavailable")
         join.generation = manager.generation
+        if sid not in self.connections.by_sid:
+            # Gone while it waited (a reconnect storm on a busy worker: its
+            # client gave up): no history read for nobody.
+            manager.cancel_join(join)
+            return _error("unavailable")
         try:
             recovery = self._recover(topic, payload.get("since"))
         except redis.RedisError as exc:

@@ -104,11 +104,16 @@ class Routes:
         route.live.set()
         return route
 
-    def left(self, channel: str) -> None:
-        """Forget a route on Redis' UNSUBSCRIBE confirmation (unless wanted again since)."""
+    def left(self, channel: str) -> str | None:
+        """Forget a route on Redis' UNSUBSCRIBE confirmation (unless wanted again since).
+
+        Returns the topic of the route forgotten, if any.
+        """
         route = self.by_channel(channel)
         if route is not None and route.state == UNSUBSCRIBING:
             del self.by_topic[route.topic]
+            return route.topic
+        return None
 
     def by_channel(self, channel: str) -> Route | None:
         """Return the route of a queue channel name."""

@@ -15,8 +15,14 @@
 // The harness drives the process with one JSON command per stdin line and
 // reads one JSON event per stdout line:
 //   (start)                  -> {"event": "ready", "connect_ms", "failed", ...}
-//   {"cmd": "stat"}          -> {"event": "stat", "received", "last_ms", "open", ...}
+//   {"cmd": "stat"}          -> {"event": "stat", "received", "last_ms", "open",
+//                               "unexpected_closes", "server_closes", ...}
 //   {"cmd": "reset"}         -> {"event": "reset"}   (forget what was received)
+//   {"cmd": "window", "latfile": path}
+//                            -> {"event": "window", "latencies": N}: the latencies
+//                               since the last window (float64 ms) written to latfile
+//                               and forgotten; the counts are kept (long runs: the
+//                               soak asks every 10 s, so latencies never pile up)
 //   {"cmd": "report", "expected": {topic: N}, "latfile": path}
 //                            -> {"event": "report", "delivered", "lost", ...}
 //                               and the latencies (float64 ms) written to latfile
@@ -87,6 +93,7 @@ let ready = 0;
 let failed = 0;
 let open = 0;
 let unexpectedCloses = 0;
+let serverCloses = 0; // engine.io CLOSE packets: the server ended a session (a ping timeout)
 const errors = [];
 let closing = false;
 let readyReported = false;
@@ -101,7 +108,9 @@ class Client extends FramedClient {
     super(target, localAddress);
     this.index = index;
     this.topics = ownPrefix ? [...shared, ownPrefix + index] : [...shared];
-    this.seen = new Map(); // topic -> array of counts by n
+    // topic -> counts by n, one byte each: a 30-minute soak numbers 36,000
+    // publications per topic, for every one of a thousand clients.
+    this.seen = new Map();
     this.pendingAcks = 0;
     this.state = "connecting";
     this.retries = 0;
@@ -156,6 +165,8 @@ class Client extends FramedClient {
       }
     } else if (type === 50 /* 2: ping */) {
       this.send("3");
+    } else if (type === 49 /* 1: close */) {
+      serverCloses++;
     } else if (type === 48 /* 0: open */) {
       this.send("40");
     }
@@ -228,20 +239,31 @@ class Client extends FramedClient {
     lastMs = at;
     for (const pub of message[1]) {
       const data = pub && pub.data;
-      if (!data || typeof data.n !== "number" || typeof data.t !== "number") {
+      if (!data || !Number.isInteger(data.n) || data.n < 0 || typeof data.t !== "number") {
         stray++;
         continue;
       }
+      const n = data.n;
       received++;
-      recordLatency(at - data.t, data.n);
+      recordLatency(at - data.t, n);
       let counts = this.seen.get(pub.topic);
-      if (counts === undefined) {
-        counts = [];
+      if (counts === undefined || n >= counts.length) {
+        counts = grown(counts, n);
         this.seen.set(pub.topic, counts);
       }
-      counts[data.n] = (counts[data.n] || 0) + 1;
+      if (counts[n] < 255) counts[n]++;
     }
   }
+}
+
+// A copy of `counts` (or a new one) with room for index n: doubled, so a topic
+// numbered 0..N costs log N copies.
+function grown(counts, n) {
+  let size = counts === undefined ? 64 : counts.length;
+  while (size <= n) size *= 2;
+  const bigger = new Uint8Array(size);
+  if (counts !== undefined) bigger.set(counts);
+  return bigger;
 }
 
 function settle() {
@@ -273,6 +295,11 @@ function launch() {
 
 // -- commands ----------------------------------------------------------------
 
+function writeLatencies(latfile) {
+  fs.writeFileSync(latfile, Buffer.from(latencies.buffer, 0, nLatencies * 8));
+  if (trace) fs.writeFileSync(latfile + ".n", Buffer.from(sequence.buffer, 0, nLatencies * 8));
+}
+
 function report(expected, latfile) {
   let delivered = 0;
   let distinct = 0;
@@ -288,7 +315,7 @@ function report(expected, latfile) {
       let got = 0;
       for (let k = 0; k < counts.length; k++) {
         const c = counts[k];
-        if (c === undefined) continue;
+        if (c === 0) continue;
         delivered += c;
         if (k < n) {
           got++;
@@ -302,16 +329,13 @@ function report(expected, latfile) {
     }
     for (const [topic, counts] of client.seen) {
       if (!client.topics.includes(topic)) {
-        for (const c of counts) if (c !== undefined) unexpected += c;
+        for (const c of counts) unexpected += c;
       }
     }
     lost += clientLost;
     if (clientLost > 0) clientsWithLoss++;
   }
-  if (latfile) {
-    fs.writeFileSync(latfile, Buffer.from(latencies.buffer, 0, nLatencies * 8));
-    if (trace) fs.writeFileSync(latfile + ".n", Buffer.from(sequence.buffer, 0, nLatencies * 8));
-  }
+  if (latfile) writeLatencies(latfile);
   out({
     event: "report",
     clients: clients.length,
@@ -344,6 +368,7 @@ serve({
       ready,
       failed,
       unexpected_closes: unexpectedCloses,
+      server_closes: serverCloses,
     }),
   reset: () => {
     for (const client of clients) client.seen.clear();
@@ -354,6 +379,12 @@ serve({
     lastMs = 0;
     stray = 0;
     out({ event: "reset" });
+  },
+  window: (command) => {
+    const count = nLatencies;
+    writeLatencies(command.latfile);
+    nLatencies = 0;
+    out({ event: "window", latencies: count });
   },
   report: (command) => report(command.expected || {}, command.latfile),
   close: () => {

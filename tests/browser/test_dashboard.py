@@ -213,33 +213,11 @@ def test_many_topics_resubscribe_past_the_subscribe_rate(page: Page, stack) -> N
     assert got == [[0, 1]] * len(topics)
 
 
-# The server has no GET /sse yet (CONTRACT.md v2, "Server-Sent Events"): the
-# page says so. Once it has, the first test fails; then drop it and the skip.
-SSE_WAITING = "the server has no GET /sse yet: enable when it has (and drop the test above it)"
-
-
-def test_sse_transport_is_reported_unavailable_until_the_server_has_it(page: Page, stack) -> None:
+def test_live_publication_over_sse_then_a_restart_recovers(page: Page, stack) -> None:
+    """A real EventSource: live events, then the web tier restarts and it resumes."""
     open_dashboard(page, stack)
     served = page.evaluate("() => fetch('/static/tidings.js').then((r) => r.text())")
     assert "GENERATED from clients/js/src" in served  # the package's browser build
-    expect(page.locator("#transport")).to_have_value("websocket")
-
-    page.select_option("#transport", "sse")  # the page reloads with the SSE transport
-    expect(page.locator("#subscribe-error")).to_contain_text(
-        "Server-Sent Events are not available on this server", timeout=TIMEOUT
-    )
-    expect(page.locator("#transport")).to_have_value("sse")
-    expect(page.locator("#state")).to_have_text("disconnected")
-    assert page.evaluate("window.tidings.transport") == "sse"
-
-    page.select_option("#transport", "websocket")
-    expect(page.locator("#state")).to_have_text("connected", timeout=TIMEOUT)
-    assert page.evaluate("window.tidings.transport") == "websocket"
-
-
-@pytest.mark.skip(reason=SSE_WAITING)
-def test_live_publication_over_sse(page: Page, stack) -> None:
-    open_dashboard(page, stack)
     page.select_option("#transport", "sse")
     expect(page.locator("#transport")).to_have_value("sse", timeout=TIMEOUT)
     expect(page.locator("#state")).to_have_text("connected", timeout=TIMEOUT)
@@ -249,3 +227,22 @@ def test_live_publication_over_sse(page: Page, stack) -> None:
     stack.publish(topic, {"n": 2})
     expect(rows(page, topic)).to_have_count(2, timeout=TIMEOUT)
     assert shown_data(page, topic) == [{"n": 2}, {"n": 1}]
+    page.evaluate(WATCH_STATE)
+    stopped = threading.Event()
+
+    def restart() -> None:
+        stack.stop_web()
+        stopped.set()
+
+    threading.Thread(target=restart, daemon=True).start()
+    assert stopped.wait(60)
+    # Published while the stream is down: the browser's EventSource comes
+    # back with Last-Event-ID and gets them.
+    stack.publish(topic, {"n": 3})
+    stack.publish(topic, {"n": 4})
+    stack.start_web()
+    stack.wait_ready()
+    expect(rows(page, topic)).to_have_count(4, timeout=TIMEOUT)
+    assert shown_data(page, topic) == [{"n": 4}, {"n": 3}, {"n": 2}, {"n": 1}]
+    offsets = [rows(page, topic).nth(i).get_attribute("data-offset") for i in range(4)]
+    assert len(set(offsets)) == 4, offsets

@@ -29,7 +29,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,6 +111,73 @@ class Watcher:
     def wire(self, topic: str) -> int:
         """Count the distinct publications of `topic` that reached the client at all."""
         return sum(1 for t, _ in self.raw if t == topic)
+
+
+@dataclass
+class Tally:
+    """Durable deliveries to some clients, counted against what was published."""
+
+    published: int = 0
+    delivered: int = 0
+    lost: int = 0
+    duplicated: int = 0
+    out_of_order: int = 0
+    missing: list[str] = field(default_factory=list)
+
+
+def tally(
+    watchers: list[Watcher],
+    sent: Mapping[str, int],
+    counted: Callable[[str], bool],
+    ambiguous: Mapping[str, set[int]] | None = None,
+) -> Tally:
+    """Count each watcher's `counted` topics against `sent` (numbered 0, 1, ... per topic).
+
+    Numbers in `ambiguous` (a batch the publisher had to send again, which may
+    really be there twice: two publications) count once.
+    """
+    result = Tally()
+    for watcher in watchers:
+        for topic in watcher.topics:
+            if not counted(topic):
+                continue
+            got = watcher.delivered.get(topic, [])
+            expected = sent.get(topic, 0)
+            result.published += expected
+            maybe_twice = (ambiguous or {}).get(topic, set())
+            result.delivered += sum(1 for n in got if n not in maybe_twice)
+            result.delivered += len({n for n in got if n in maybe_twice})
+            gone = sorted(set(range(expected)) - set(got))
+            result.lost += len(gone)
+            if gone:
+                at = next((i for i, n in enumerate(got) if n > gone[0]), len(got))
+                result.missing.append(
+                    f"client {watcher.index} {topic} n={gone[:10]}"
+                    f" ({len(gone)} in all, {len(set(gone) & watcher.raw_n.get(topic, set()))}"
+                    f" of them seen on the wire; got around it: {got[max(0, at - 3) : at + 5]};"
+                    f" {watcher.describe(topic)})"
+                )
+            twice = [n for n in got if n not in maybe_twice]
+            result.duplicated += len(twice) - len(set(twice))
+            offsets = watcher.offsets.get(topic, [])
+            result.out_of_order += sum(1 for a, b in itertools.pairwise(offsets) if a >= b)
+    return result
+
+
+def complete(
+    watchers: list[Watcher], sent: Mapping[str, int], counted: Callable[[str], bool]
+) -> bool:
+    """Tell whether every watcher got as many publications as were sent, on each counted topic."""
+    return all(
+        len(w.delivered.get(t, [])) >= sent.get(t, 0)
+        for w in watchers
+        for t in w.topics
+        if counted(t)
+    )
+
+
+def _durable(topic: str) -> bool:
+    return topic not in (FAST_TOPIC, HEAVY_TOPIC)
 
 
 @dataclass
@@ -398,17 +465,8 @@ class Chaos:
         self._publisher.join()
         for waiter in self._releases:
             waiter.join(timeout=60)
-
-        def complete() -> bool:
-            return all(
-                len(w.delivered.get(t, [])) >= self.sent[t]
-                for w in self.watchers
-                for t in w.topics
-                if t not in (FAST_TOPIC, HEAVY_TOPIC)
-            )
-
         deadline = time.monotonic() + 60
-        while not complete() and time.monotonic() < deadline:
+        while not complete(self.watchers, self.sent, _durable) and time.monotonic() < deadline:
             time.sleep(0.1)
         self._fast_burst()
         return self.report()
@@ -435,60 +493,33 @@ class Chaos:
 
     def report(self) -> Report:
         """Count what every client got against what was published."""
-        published = delivered = lost = duplicated = out_of_order = 0
-        missing: list[str] = []
-        gaps = []
-        for watcher in self.watchers:
-            for topic in watcher.topics:
-                if topic in (FAST_TOPIC, HEAVY_TOPIC):
-                    continue
-                got = watcher.delivered.get(topic, [])
-                expected = self.sent[topic]
-                published += expected
-                # A batch the publisher had to send again may really be there
-                # twice (two publications): its numbers count once here.
-                ambiguous = self.ambiguous.get(topic, set())
-                delivered += sum(1 for n in got if n not in ambiguous)
-                delivered += len({n for n in got if n in ambiguous})
-                gone = sorted(set(range(expected)) - set(got))
-                lost += len(gone)
-                if gone:
-                    at = next((i for i, n in enumerate(got) if n > gone[0]), len(got))
-                    missing.append(
-                        f"client {watcher.index} {topic} n={gone[:10]}"
-                        f" ({len(gone)} in all, {len(set(gone) & watcher.raw_n.get(topic, set()))}"
-                        f" of them seen on the wire; got around it: {got[max(0, at - 3) : at + 5]};"
-                        f" {watcher.describe(topic)})"
-                    )
-                twice = [n for n in got if n not in ambiguous]
-                duplicated += len(twice) - len(set(twice))
-                offsets = watcher.offsets.get(topic, [])
-                out_of_order += sum(1 for a, b in itertools.pairwise(offsets) if a >= b)
-            times = watcher.times
-            gaps.append(max((b - a for a, b in itertools.pairwise(times)), default=0.0))
+        counts = tally(self.watchers, self.sent, _durable, self.ambiguous)
+        gaps = [
+            max((b - a for a, b in itertools.pairwise(w.times)), default=0.0) for w in self.watchers
+        ]
         wire = sum(count - 1 for w in self.watchers for count in w.raw.values())
         burst = [[n for n in w.burst if n >= 0] for w in self.watchers]
         burst_lost = sum(len(set(range(self.burst_sent)) - set(got)) for got in burst)
         for watcher, got in zip(self.watchers, burst, strict=True):
             if len(set(got)) < self.burst_sent:
-                missing.append(
+                counts.missing.append(
                     f"client {watcher.index} {BURST_TOPIC}: {len(set(got))} of the burst,"
                     f" probe heard: {-1 in watcher.burst}; {watcher.describe(BURST_TOPIC)}"
                 )
         burst_twice = sum(len(got) - len(set(got)) for got in burst)
         fast = statistics.median(w.fast for w in self.watchers) if self.watchers else 0
         return Report(
-            published=published,
-            delivered=delivered,
-            lost=lost,
-            duplicated=duplicated,
+            published=counts.published,
+            delivered=counts.delivered,
+            lost=counts.lost,
+            duplicated=counts.duplicated,
             wire_duplicates=wire,
-            out_of_order=out_of_order,
+            out_of_order=counts.out_of_order,
             longest_gap=max(gaps, default=0.0),
             fast_published=self.fast_sent,
             fast_delivered_median=fast,
             faults=self.faults,
-            missing=missing,
+            missing=counts.missing,
             retried=sum(len(numbers) for numbers in self.ambiguous.values()),
             burst_sent=self.burst_sent,
             burst_lost=burst_lost,

@@ -1,12 +1,16 @@
-"""The benchmark harness runs end to end: `python -m bench --quick`, Tidings only, tiny sizes.
+"""The benchmarks run end to end at tiny sizes: `python -m bench --quick`, `python -m bench.soak`.
 
-A smoke test of `bench/` (issues 7 and 13), not a benchmark: it asserts that
-every workload completes and that every client got every publication once,
-never how fast. It needs Node.js for the load generator (`bench/peers/`).
+Smoke tests of `bench/`, not benchmarks. The benchmark (issues 7 and 13):
+every workload completes and every client got every publication once, never
+how fast. The soak (issue 12), for half a minute: it samples every process and
+writes its chart and verdict, and every durable publication reached every
+checking client once; never whether anything grew (half a minute is all
+warm-up). They need Node.js for the load generator (`bench/peers/`).
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -45,6 +49,20 @@ TINY = {
     "scale_clients": 10,
     "scale_rate": 40,
     "scale_seconds": 1,
+}
+
+SOAK_TINY = {
+    "minutes": 0.5,
+    "warmup-minutes": 0.15,
+    "sample-seconds": 1,
+    "sustained-clients": 20,
+    "own-topics": 10,
+    "own-rate": 20,
+    "churners": 2,
+    "checkers": 2,
+    "stall-every": 8,
+    "history": 50,
+    "generator-processes": 1,
 }
 
 
@@ -123,3 +141,38 @@ def test_presence_bench_runs_at_tiny_sizes(node: None) -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "presence off" in done.stdout and "`presence_stats`" in done.stdout
+
+
+def test_tiny_soak_writes_its_chart_and_verdict_with_nothing_lost(
+    node: None, tmp_path: Path
+) -> None:
+    png = tmp_path / "soak.png"
+    command = [sys.executable, "-m", "bench.soak", "--no-record", "--workdir", str(tmp_path)]
+    command += ["--out-png", str(png)]
+    for option, value in SOAK_TINY.items():
+        command += [f"--{option}", str(value)]
+    done = subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, timeout=150, check=False
+    )
+    # 1 is a missed target: growth within half a minute may well be warm-up still.
+    assert done.returncode in (0, 1), done.stdout + done.stderr
+    assert png.read_bytes().startswith(b"\x89PNG"), "no chart"
+    verdict = json.loads((tmp_path / "verdict.json").read_text())
+    assert verdict["met"] == (done.returncode == 0)
+    judged = {row["name"] for row in verdict["growth"] if row["role"] == "system"}
+    assert {"gunicorn master", "web worker 1", "web worker 2", "celery main"} <= judged
+    assert "redis-server" in judged and any(name.startswith("celery pool") for name in judged)
+    with open(tmp_path / "samples.csv") as samples:
+        groups = {row["group"] for row in csv.DictReader(samples)}
+    assert {"loadgen sustained", "soak harness"} <= groups
+    # Nothing durable lost or duplicated, to the checking clients or the load's.
+    durable = verdict["durable"]
+    assert durable["expected"] > 0
+    assert durable["delivered"] == durable["expected"], durable
+    assert durable["lost_untold"] == durable["duplicated"] == durable["out_of_order"] == 0
+    assert verdict["lost"] == [], verdict["lost"]
+    assert verdict["loads"]["sustained"]["delivered"] == verdict["loads"]["sustained"]["expected"]
+    # Every part of the load ran: churn, and a stall the server cut and the client came back from.
+    assert verdict["churn"]["connections"] >= 2 and not verdict["churn"]["errors"]
+    assert verdict["stalls"]["cut"] >= 1, verdict["stalls"]
+    assert "process" in done.stdout and "web worker 1" in done.stdout  # the table

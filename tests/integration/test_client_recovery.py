@@ -1,4 +1,4 @@
-"""The Python client on a real stack: unanswered resubscribes, the subscribe rate, its CPU."""
+"""The Python clients on a real stack: `since`, token functions, unanswered resubscribes, CPU."""
 
 from __future__ import annotations
 
@@ -7,12 +7,86 @@ from typing import Any
 import pytest
 import websocket._abnf
 
-from tests.support import wait_for
-from tidings.client import TidingsClient
+from tests.support import Stack, wait_for
+from tidings.client import SseClient, TidingsClient
+from tidings.keys import history_key
+from webapp.grants import make_token
 
 pytestmark = pytest.mark.integration
 
 TOPIC = "public.unanswered"
+SECRET = "a-client-recovery-secret-of-32-bytes-or-more"
+CLIENTS = {"websocket": TidingsClient, "sse": SseClient}
+
+
+@pytest.fixture
+def history_stack(make_stack) -> Stack:
+    stack = make_stack(TIDINGS_SECRET=SECRET, TIDINGS_HISTORY_SIZE="50")
+    stack.start_worker()
+    stack.start_web()
+    stack.wait_ready()
+    return stack
+
+
+@pytest.mark.parametrize("transport", sorted(CLIENTS))
+def test_subscribe_since_an_offset_resumes_from_it(history_stack: Stack, transport: str) -> None:
+    redis = history_stack.redis()
+    history_stack.publish_many([("public.since", {"n": n}) for n in range(10)])
+    history_stack.publish_many([("public.since.old", {"n": n}) for n in range(60)])
+    wait_for(lambda: redis.xlen(history_key("public.since")) == 10)
+    wait_for(lambda: redis.xlen(history_key("public.since.old")) == 50)
+    offsets = [entry_id.decode() for entry_id, _ in redis.xrange(history_key("public.since"))]
+    got: list[dict[str, Any]] = []
+    gaps: list[str] = []
+    client = CLIENTS[transport](history_stack.url, on_publication=got.append, on_gap=gaps.append)
+    client.connect()
+    try:
+        assert client.subscribe("public.since.other")["ok"]  # one topic held already
+        ack = client.subscribe("public.since", since=offsets[4])
+        assert ack["ok"] and ack["recovered"] is True
+        wait_for(lambda: len(got) == 5)
+        assert [p["data"]["n"] for p in got] == [5, 6, 7, 8, 9]
+        assert client.last_offset("public.since") == offsets[-1]
+        # Older than history keeps: a gap, then live from the latest offset.
+        ack = client.subscribe("public.since.old", since="1-0")
+        assert ack["ok"] and ack["recovered"] is False and gaps == ["public.since.old"]
+        history_stack.publish("public.since.old", {"n": 60})
+        wait_for(lambda: len(got) == 6)
+        assert got[-1]["data"] == {"n": 60}
+        with pytest.raises(ValueError):
+            client.subscribe("public.since.bad", since="yesterday")
+    finally:
+        client.disconnect()
+
+
+@pytest.mark.parametrize("transport", sorted(CLIENTS))
+def test_a_token_function_is_asked_again_at_every_reconnection(
+    history_stack: Stack, transport: str
+) -> None:
+    issued: list[str] = []
+
+    def token() -> str:
+        issued.append(make_token(SECRET, "erin", ["private.erin.*"], 60))
+        return issued[-1]
+
+    got: list[dict[str, Any]] = []
+    client = CLIENTS[transport](history_stack.url, on_publication=got.append, token=token)
+    client.connect()
+    try:
+        assert client.subscribe("private.erin.1")["ok"]
+        asked = len(issued)
+        assert asked >= 1
+        if isinstance(client, TidingsClient):
+            client._break_transport()
+        else:
+            assert client._stream is not None
+            client._stream.cut()
+        wait_for(lambda: client.connects == 2)
+        assert len(issued) > asked
+        history_stack.publish("private.erin.1", {"n": 1})
+        wait_for(lambda: got)
+    finally:
+        client.disconnect()
 
 
 def test_a_resubscribe_without_an_answer_reconnects_and_loses_nothing(make_stack) -> None:

@@ -6,7 +6,8 @@ import threading
 
 import pytest
 
-from tidings.client import TidingsClient, _Topic, resubscribe_delay
+from tidings.client import TidingsClient
+from tidings.client_core import _Topic, resubscribe_delay
 
 
 def test_messages_are_handled_in_arrival_order_on_the_reading_thread() -> None:

@@ -173,3 +173,14 @@ def test_a_bug_in_the_loop_is_logged_with_its_stack_not_as_an_outage(
     (record,) = [r for r in caplog.records if "failed" in r.getMessage()]
     assert record.exc_info is not None and "a bug" in str(record.exc_info[1])
     assert not [r for r in caplog.records if "Redis unavailable" in r.getMessage()]
+
+
+def test_a_topic_left_after_its_linger_leaves_no_state_behind(app: Flask) -> None:
+    manager = app.extensions["tidings.queue"]
+    wait_for(lambda: manager.subscribed, timeout=5)
+    for n in range(50):
+        sid = member(manager, f"gone.{n}", eio_sid=f"g{n}")
+        manager.note_offset(f"gone.{n}", "1-1")
+        manager.leave_room(sid, "/", f"t:gone.{n}")
+    wait_for(lambda: not manager.routes.by_topic, timeout=10)
+    assert not any(topic.startswith("gone.") for topic in manager._shown)

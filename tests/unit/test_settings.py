@@ -90,6 +90,7 @@ def test_trusted_proxies_default_to_loopback_and_take_addresses_and_cidrs() -> N
         ("TIDINGS_SECRET", "too-short"),
         ("TIDINGS_TRUSTED_PROXIES", "nginx.internal"),
         ("TIDINGS_QUEUE_LINGER_MS", "-1"),
+        ("TIDINGS_SSE_KEEPALIVE", "0"),
         ("TIDINGS_QUEUE_LINGER_MS", "2s"),
         ("TIDINGS_TRUSTED_PROXIES", "10.0.0.1/8"),
         ("TIDINGS_TRUSTED_PROXIES", "127.0.0.1, ::1/129"),

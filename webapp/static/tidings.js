@@ -497,6 +497,10 @@
       let topics = Array.from(stream.topics);
       if (info && typeof info.topic === 'string') topics = [info.topic];
       else if (info && Array.isArray(info.topics)) topics = info.topics;
+      else if (info && info.topics && typeof info.topics === 'object') {
+        // The server's form: {"recovered": false, "topics": {topic: recovered, ...}}.
+        topics = Object.keys(info.topics).filter((topic) => info.topics[topic] === false);
+      }
       topics.forEach((topic) => this.client._gap(topic));
     }
   }
@@ -606,9 +610,12 @@
         }
         client._lost('reconnecting');
         if (reason === 'io server disconnect') {
+          // Jittered (0.5x to 1.5x): when the server drops many clients at
+          // once (an operator's disconnect, a deploy), they do not all come
+          // back in the same instant.
           setTimeout(() => {
             if (!client._closed && !socket.connected) socket.connect();
-          }, SERVER_DISCONNECT_RETRY_MS);
+          }, SERVER_DISCONNECT_RETRY_MS * (0.5 + Math.random()));
         } // else Socket.IO reconnects by itself
       });
 

@@ -405,6 +405,10 @@ export class SseTransport {
     let topics = Array.from(stream.topics);
     if (info && typeof info.topic === 'string') topics = [info.topic];
     else if (info && Array.isArray(info.topics)) topics = info.topics;
+    else if (info && info.topics && typeof info.topics === 'object') {
+      // The server's form: {"recovered": false, "topics": {topic: recovered, ...}}.
+      topics = Object.keys(info.topics).filter((topic) => info.topics[topic] === false);
+    }
     topics.forEach((topic) => this.client._gap(topic));
   }
 }

@@ -103,9 +103,12 @@ export class SocketIoTransport {
       }
       client._lost('reconnecting');
       if (reason === 'io server disconnect') {
+        // Jittered (0.5x to 1.5x): when the server drops many clients at
+        // once (an operator's disconnect, a deploy), they do not all come
+        // back in the same instant.
         setTimeout(() => {
           if (!client._closed && !socket.connected) socket.connect();
-        }, SERVER_DISCONNECT_RETRY_MS);
+        }, SERVER_DISCONNECT_RETRY_MS * (0.5 + Math.random()));
       } // else Socket.IO reconnects by itself
     });
 

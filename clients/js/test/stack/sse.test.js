@@ -2,9 +2,8 @@
  * The "sse" transport (CONTRACT.md v2, "Server-Sent Events") against a
  * running Tidings.
  *
- * The server has no GET /sse yet, and the client says so ("sse_unavailable").
- * Once it has, that guard fails: set SERVER_HAS_SSE and the tests of the
- * transport itself run. Node has no EventSource of its own before 22; the
+ * SERVER_HAS_SSE: the server has GET /sse (without it the client says so,
+ * "sse_unavailable", which the guard test checks). Node has no EventSource of its own before 22; the
  * "eventsource" package (a dev dependency) stands in for the browser's.
  */
 
@@ -17,30 +16,78 @@ import {
   HISTORY_SIZE, NEEDS_STACK, TOKEN, client, freshTopic, publish, recorder, waitFor,
 } from './support.js';
 
-const SERVER_HAS_SSE = false;
+const SERVER_HAS_SSE = true;
 const WAITING = 'the server has no GET /sse yet (CONTRACT.md v2, "Server-Sent Events"): set SERVER_HAS_SSE';
 const skip = NEEDS_STACK || (!SERVER_HAS_SSE && WAITING);
 
 /**
  * An EventSource whose connections the test can break as a network failure
- * would: it then reconnects by itself, sending Last-Event-ID.
+ * would (the body fails mid-stream): it then reconnects by itself, sending
+ * Last-Event-ID. (Aborting its fetch would not do: the "eventsource"
+ * package takes an abort for a deliberate close and never reconnects.)
  */
 function breakable() {
   const live = new Set();
+  let gate = null; // while set, reconnections wait for it
+  let open = () => {};
   class Breakable extends EventSource {
     constructor(url, init) {
       super(url, {
         ...init,
-        fetch: (input, options) => {
-          const cut = new AbortController();
-          live.add(cut);
-          const signal = AbortSignal.any([cut.signal, options.signal].filter(Boolean));
-          return fetch(input, { ...options, signal });
+        fetch: async (input, options) => {
+          if (gate) await gate;
+          const response = await fetch(input, options);
+          if (!response.body) return response;
+          const reader = response.body.getReader();
+          let fail;
+          const body = new ReadableStream({
+            start(controller) {
+              fail = (error) => {
+                try { controller.error(error); } catch { /* already closed */ }
+                reader.cancel().catch(() => {});
+              };
+              live.add(fail);
+            },
+            async pull(controller) {
+              try {
+                const { done, value } = await reader.read();
+                if (done) {
+                  live.delete(fail);
+                  controller.close();
+                } else {
+                  controller.enqueue(value);
+                }
+              } catch (error) {
+                try { controller.error(error); } catch { /* already failed */ }
+              }
+            },
+            cancel() {
+              live.delete(fail);
+              return reader.cancel().catch(() => {});
+            },
+          });
+          return new Response(body, {
+            status: response.status, statusText: response.statusText, headers: response.headers,
+          });
         },
       });
     }
   }
-  return { EventSource: Breakable, cut: () => { live.forEach((c) => c.abort()); live.clear(); } };
+  const cut = () => {
+    live.forEach((fail) => fail(new TypeError('network failure')));
+    live.clear();
+  };
+  // Cut, and keep the network down until release(): what is published
+  // meanwhile is missed for sure.
+  const hold = () => {
+    gate = new Promise((resolve) => { open = resolve; });
+    cut();
+  };
+  const release = () => {
+    gate = null;
+    open();
+  };
+  return { EventSource: Breakable, cut, hold, release };
 }
 
 function sseClient(t, options = {}) {
@@ -110,8 +157,9 @@ test('sse: a gap history no longer covers is reported', { skip }, async (t) => {
   const topic = freshTopic();
   await tidings.subscribe(topic, () => {});
   await publish([[topic, 'seen']]);
-  network.cut();
+  network.hold();
   await publish(Array.from({ length: HISTORY_SIZE + 5 }, (_, n) => [topic, n]));
+  network.release();
   await waitFor(() => seen.gaps.length === 1, 'the gap');
   assert.deepEqual(seen.gaps, [{ topic }]);
 });
