@@ -180,8 +180,8 @@ class PythonClient(TidingsClient):
             self.disconnects.append(now_ms())
         super()._on_disconnect(reason)
 
-    def _on_ack(self, topic: str, sent: dict[str, Any], ack: Any) -> None:
-        super()._on_ack(topic, sent, ack)
+    def _on_ack(self, topic: str, sent: dict[str, Any], ack: Any, *, where: str = "") -> None:
+        super()._on_ack(topic, sent, ack, where=where)
         if isinstance(ack, dict) and ack.get("ok"):
             self.acked[topic] = self.connects
             if self.back():
