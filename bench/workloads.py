@@ -123,6 +123,8 @@ class Row:
     generator_us_per_delivery: float | None = None
     connect_s: float | None = None
     kb_per_connection: float | None = None
+    # Server CPU (every server process) per connection while the clients connected.
+    connect_cpu_ms: float | None = None
     # Publications per second offered, for paced rows of issue 13.
     rate: float | None = None
     # Per web worker (Tidings' stats hashes): pid, and summed over the runs its
@@ -571,6 +573,7 @@ class HeldConnections:
         row.p99_ms = delivery.percentile(0.99)
         row.max_ms = max(delivery.latencies) if delivery.latencies else None
         row.kb_per_connection = (self.sampler.peak - self.baseline) / sizes.connections / 1024
+        row.connect_cpu_ms = self.connect_cpu / sizes.connections * 1e3
         row.notes.append(
             f"held {held:.0f}s, {still_open} open at the end; "
             f"server CPU {self.connect_cpu / sizes.connections * 1e3:.2f} ms/connection; "
