@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import _socket
 import logging
+import sys
 from collections import deque
 from typing import Any
 
@@ -85,6 +86,9 @@ ENVIRON_KEYS = (
     "wsgi.url_scheme",
     "flask.app",
 )
+# Of those, the ones whose values repeat from connection to connection: each
+# connection's copy of them is swapped for one shared string (`sys.intern`).
+_SHARED_VALUES = frozenset(ENVIRON_KEYS) - {"REMOTE_PORT", "QUERY_STRING"}
 
 # Stages of a connection: an upgrade from polling waits for the probe, then
 # for the UPGRADE packet; LIVE serves engine.io packets.
@@ -129,10 +133,17 @@ class Layer:
         self.inline_events: bool = server.async_handlers
 
     def slim_environ(self, eio_sid: str) -> None:
-        """Keep only `ENVIRON_KEYS` of a connection's environ."""
+        """Keep only `ENVIRON_KEYS` of a connection's environ, repeated values shared."""
         environ = self.environs.get(eio_sid)
         if environ is not None:
-            self.environs[eio_sid] = {k: environ[k] for k in ENVIRON_KEYS if k in environ}
+            slim = {}
+            for key in ENVIRON_KEYS:
+                if key in environ:
+                    value = environ[key]
+                    if type(value) is str and key in _SHARED_VALUES:
+                        value = sys.intern(value)
+                    slim[key] = value
+            self.environs[eio_sid] = slim
 
 
 class EngineWebSocket(Transport):

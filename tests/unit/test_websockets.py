@@ -228,6 +228,10 @@ def test_an_idle_connection_holds_no_greenlet_and_a_slim_environ(harness: Harnes
         assert transport.inbox is None and transport.frames.buffered == 0
         environ = harness.server.environ[client.eio_sid]
         assert set(environ) <= set(websockets.ENVIRON_KEYS) and "REMOTE_ADDR" in environ
+    # Values that repeat are one string for every connection, not a copy each.
+    first, last = (harness.server.environ[c.eio_sid] for c in (clients[0], clients[-1]))
+    for key in ("REMOTE_ADDR", "PATH_INFO", "SERVER_NAME", "REQUEST_METHOD"):
+        assert first[key] is last[key], key
 
 
 def test_worker_connections_still_bound_open_websockets() -> None:
