@@ -48,6 +48,10 @@ class Sizes:
     connections: int = 10000
     connections_hold: float = 60
     connections_processes: int = 4
+    # The systems' clients come from 127.0.0.<this>, <this + 1>, ...: about
+    # 28,000 ports each, which TIME_WAIT holds for a minute after a run (pick
+    # others for runs in quick succession, or beside another benchmark).
+    connections_first_address: int = 10
     # Issue 13 (bench/routed.py): every client on a topic of its own.
     own_clients: int = 1000
     own_rate: float = 2000  # durable publications/s over the own topics, round robin
@@ -595,7 +599,7 @@ def connections(ctx: Context, systems: list[System]) -> list[Row]:
     alone) and then held side by side, so the hold costs 60 s once.
     """
     held = [
-        HeldConnections(ctx, system, f"127.0.0.{10 + index}")
+        HeldConnections(ctx, system, f"127.0.0.{ctx.sizes.connections_first_address + index}")
         for index, system in enumerate(systems)
     ]
     for item in held:
