@@ -17,9 +17,11 @@ from tests.support import ROOT
 WORKLOADS = (
     "burst",
     "sustained",
+    "sustained-sse",
     "light",
     "many-topics",
     "connections",
+    "connections-sse",
     "own-topics",
     "fast-burst",
     "scale-out",
@@ -135,15 +137,25 @@ def run_workloads(
         rows += interleaved(
             ctx, "burst", variants, workloads.burst_once, sizes.burst_reps, sizes.burst_clients
         )
+    # The SSE rows: Tidings with one web worker, its clients on `GET /sse` streams,
+    # each beside the websocket row of the same workload.
+    one_worker = [(s, False) for s in classic if s.name == "tidings-1w"]
+    sustained = []
     if "sustained" in chosen:
-        rows += interleaved(
-            ctx,
-            "sustained",
-            plain,
-            workloads.sustained_once,
-            sizes.sustained_reps,
-            sizes.sustained_clients,
+        sustained += workloads.variants_of(
+            "sustained", plain, workloads.sustained_once, sizes.sustained_clients
         )
+    if "sustained-sse" in chosen and not one_worker:
+        ctx.log("sustained-sse skipped: it runs on tidings-1w, which is not among the systems")
+    if "sustained-sse" in chosen:
+        sustained += workloads.variants_of(
+            "sustained (sse)",
+            one_worker,
+            workloads.sustained_sse_once,
+            sizes.sse_sustained_clients,
+        )
+    # One rotation: the SSE runs interleaved with the websocket ones.
+    rows += workloads.rotated(ctx, sustained, sizes.sustained_reps)
     if "light" in chosen:
         rows += interleaved(
             ctx, "light", plain, workloads.light_once, sizes.light_reps, sizes.light_clients
@@ -164,10 +176,11 @@ def run_workloads(
                 f"over {sizes.many_clients} own topics",
             )
         rows += many
-    if "connections" in chosen:
-        # Against one web worker: tidings-2w is left out.
-        single = [s for s in classic if s.name != "tidings-2w"]
-        rows += workloads.connections(ctx, single)
+    if "connections" in chosen or "connections-sse" in chosen:
+        # Against one web worker: tidings-2w is left out. The SSE streams get a
+        # Tidings of their own, held beside the others.
+        single = [s for s in classic if s.name != "tidings-2w"] if "connections" in chosen else []
+        rows += workloads.connections(ctx, single, sse="connections-sse" in chosen)
     if "own-topics" in chosen:
         # Tidings on its durable path with one web worker; the Node peer has pub/sub only.
         peers = [(s, False) for s in running if s.routing_peer]

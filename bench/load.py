@@ -146,7 +146,11 @@ class NodeProcesses:
 
 
 class Generators(NodeProcesses):
-    """Several loadgen.js processes sharing `clients` connections to one system."""
+    """Several loadgen.js processes sharing `clients` connections to one system.
+
+    `transport` is "websocket" (Socket.IO clients) or "sse" (`GET /sse`
+    streams, Tidings only).
+    """
 
     def __init__(
         self,
@@ -159,6 +163,7 @@ class Generators(NodeProcesses):
         concurrency: int = 100,
         local_address: str | None = None,
         trace: bool = False,
+        transport: str = "websocket",
         workdir: Path,
     ) -> None:
         self.clients = clients
@@ -180,6 +185,7 @@ class Generators(NodeProcesses):
                     "concurrency": concurrency,
                     "local_address": local_address,
                     "trace": trace,
+                    "transport": transport,
                 }
             )
             first += count
@@ -209,6 +215,7 @@ class Generators(NodeProcesses):
                 "failed",
                 "unexpected_closes",
                 "server_closes",
+                "keepalives",
             ):
                 merged[key] += answer[key]
         merged["last_ms"] = max(a["last_ms"] for a in answers)

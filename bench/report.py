@@ -515,6 +515,53 @@ def issue13_targets(rows: list[Row]) -> list[tuple[str, str, str]]:
     return out
 
 
+SSE_SYSTEM = "tidings-1w"
+
+
+def _sse_section(rows: list[Row]) -> list[str]:
+    """RESULTS.md's Server-Sent Events section: each SSE row against its websocket row."""
+    pairs = [
+        (name, _find(rows, name, SSE_SYSTEM), _find(rows, f"{name} (sse)", SSE_SYSTEM))
+        for name in ("sustained", "connections")
+    ]
+    pairs = [(name, ws, sse) for name, ws, sse in pairs if sse is not None]
+    if not pairs:
+        return []
+    measures = {
+        "sustained": [
+            ("deliveries/s", "deliveries_per_s"),
+            ("p50 ms", "p50_ms"),
+            ("p99 ms", "p99_ms"),
+            ("CPU us/deliv", "cpu_us_per_delivery"),
+        ],
+        "connections": [
+            ("KB/conn", "kb_per_connection"),
+            ("connect s", "connect_s"),
+            ("p99 ms, the one publication", "p99_ms"),
+        ],
+    }
+    lines = [
+        "## Server-Sent Events",
+        "",
+        f"`{SSE_SYSTEM}` with its clients on `GET /sse` streams against the same "
+        "workload on websockets, in this run.",
+        "",
+        "| workload: measure | websocket | SSE | SSE / websocket |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, ws, sse in pairs:
+        for title, key in measures[name]:
+            mine = getattr(sse, key)
+            theirs = getattr(ws, key) if ws is not None else None
+            ratio = f"{mine / theirs:.2f}x" if mine is not None and theirs else "-"
+            lines.append(f"| {name}: {title} | {_fmt(key, theirs)} | {_fmt(key, mine)} | {ratio} |")
+        lost = "-" if ws is None else f"{ws.lost:,} / {ws.duplicated:,}"
+        lines.append(
+            f"| {name}: lost / duplicated | {lost} | {sse.lost:,} / {sse.duplicated:,} | |"
+        )
+    return [*lines, ""]
+
+
 def _scale_section(rows: list[Row], chart: str | None) -> list[str]:
     """RESULTS.md's scale-out section: the chart and each worker's share."""
     scale = [r for r in rows if r.workload == "scale-out"]
@@ -730,9 +777,17 @@ def markdown(
         f"{sizes.scale_rate:,.0f} durable publications/s over them for "
         f"{sizes.scale_seconds:g} s ({sizes.scale_reps} runs, interleaved); each worker's "
         "routed publications are read from its `tidings:stats:web:<host>:<pid>` hash "
-        "(`routed_received`, `routed_delivered`) before and after.",
+        "(`routed_received`, `routed_delivered`) before and after;",
+        f"9. sustained (sse): the sustained workload with {sizes.sse_sustained_clients:,} "
+        "clients on `GET /sse?topic=<t>` streams instead of websockets, `tidings-1w`, "
+        "its runs interleaved with the websocket ones;",
+        f"10. connections (sse): {sizes.sse_connections:,} idle SSE streams, held and "
+        "checked like the websocket connections and beside them, on one web worker of a "
+        "Tidings started for it (a worker that held websockets would reuse their freed "
+        f"memory), after {100 * sizes.connections_processes} streams on another topic.",
         "",
         *_scale_section(rows, chart),
+        *_sse_section(rows),
         "## Targets (issues 7 and 13)",
         "",
         "| target | measured | verdict |",

@@ -193,6 +193,13 @@ class System:
         self.procs.clear()
         self.redis_server.stop()
 
+    def kill(self) -> None:
+        """SIGKILL every process at once, then stop Redis (nothing left to check on the system)."""
+        for proc in reversed(self.procs):
+            proc.kill()
+        self.procs.clear()
+        self.redis_server.stop()
+
 
 def stop_all(systems: list[System]) -> None:
     """Stop systems side by side: each gunicorn waits out its graceful timeout on websockets."""

@@ -20,7 +20,7 @@ from typing import Any
 
 from bench.load import Delivery, Generators, Publisher, now_ms
 from bench.measure import PeakSampler, cpu_seconds, rss_bytes
-from bench.systems import System
+from bench.systems import System, Tidings
 
 MB = 1024 * 1024
 
@@ -52,6 +52,9 @@ class Sizes:
     # 28,000 ports each, which TIME_WAIT holds for a minute after a run (pick
     # others for runs in quick succession, or beside another benchmark).
     connections_first_address: int = 10
+    # The same two over SSE streams (`GET /sse`) instead of websockets, Tidings with one web worker.
+    sse_sustained_clients: int = 1000
+    sse_connections: int = 10000
     # Issue 13 (bench/routed.py): every client on a topic of its own.
     own_clients: int = 1000
     own_rate: float = 2000  # durable publications/s over the own topics, round robin
@@ -88,6 +91,8 @@ QUICK = Sizes(
     connections=500,
     connections_hold=1,
     connections_processes=2,
+    sse_sustained_clients=100,
+    sse_connections=500,
     own_clients=100,
     own_rate=400,
     own_seconds=1.5,
@@ -212,6 +217,7 @@ def _connect(
     processes: int | None = None,
     name: str = "gen",
     local_address: str | None = None,
+    transport: str = "websocket",
 ) -> tuple[Generators, float]:
     gens = Generators(
         system.url,
@@ -220,6 +226,7 @@ def _connect(
         topics=topics,
         own_prefix=own_prefix,
         local_address=local_address,
+        transport=transport,
         workdir=ctx.workdir / system.name / name,
     )
     try:
@@ -321,7 +328,8 @@ def aggregate(
         row.notes.append(f"{closes} connections dropped by the server")
     retries = sum(m.subscribe_retries for m in runs)
     if retries:
-        row.notes.append(f"{retries} subscribes answered `unavailable` (retried)")
+        what = "streams answered 503" if workload.endswith("(sse)") else "subscribes answered"
+        row.notes.append(f"{retries} {what} `unavailable` (retried)")
     unexpected = sum(m.delivery.unexpected for m in runs)
     if unexpected:
         row.notes.append(f"{unexpected} unexpected publications")
@@ -356,6 +364,16 @@ def aggregate(
     return row
 
 
+@dataclass(frozen=True)
+class Variant:
+    """One row's runs: `run(ctx)` measures `workload` once on the system named `name`."""
+
+    workload: str
+    name: str
+    run: Callable[[Context], tuple[Measurement, float]]
+    clients: int
+
+
 def interleaved(
     ctx: Context,
     workload: str,
@@ -364,39 +382,64 @@ def interleaved(
     reps: int,
     clients: int,
 ) -> list[Row]:
-    """Run `once` `reps` times on every (system, durable) variant, rotating the order each time.
+    """Run `once` `reps` times on every (system, durable) variant, rotating the order each time."""
+    return rotated(ctx, variants_of(workload, variants, once, clients), reps)
+
+
+def variants_of(
+    workload: str,
+    variants: list[tuple[System, bool]],
+    once: Callable[..., tuple[Measurement, float]],
+    clients: int,
+) -> list[Variant]:
+    """One workload's `Variant`s: `once(ctx, system)`, or `once(ctx, system, durable=True)`."""
+
+    def run(system: System, durable: bool) -> Callable[[Context], tuple[Measurement, float]]:
+        if durable:
+            return lambda ctx: once(ctx, system, durable=True)
+        return lambda ctx: once(ctx, system)
+
+    return [
+        Variant(
+            workload, system.name + (" (ingest)" if durable else ""), run(system, durable), clients
+        )
+        for system, durable in variants
+    ]
+
+
+def rotated(ctx: Context, variants: list[Variant], reps: int) -> list[Row]:
+    """Run every variant `reps` times, rotating the order each time; a row per variant.
 
     Interleaving lets a noisy moment of the shared machine hit every system
-    alike; a failed run is recorded in its row, and the others go on.
+    (and every workload measured side by side) alike; a failed run is
+    recorded in its row, and the others go on.
     """
-    runs: dict[str, list[Measurement]] = {}
-    connects: dict[str, list[float]] = {}
-    failures: dict[str, list[str]] = {}
-    names = []
-    for system, durable in variants:
-        name = system.name + (" (ingest)" if durable else "")
-        names.append(name)
-        runs[name], connects[name], failures[name] = [], [], []
+    runs: list[list[Measurement]] = [[] for _ in variants]
+    connects: list[list[float]] = [[] for _ in variants]
+    failures: list[list[str]] = [[] for _ in variants]
+    order = list(range(len(variants)))
     for rep in range(reps):
-        shift = rep % len(variants)
-        for system, durable in variants[shift:] + variants[:shift]:
-            name = system.name + (" (ingest)" if durable else "")
-            ctx.log(f"{workload} run {rep + 1}/{reps}: {name}")
+        shift = rep % len(variants) if variants else 0
+        for k in order[shift:] + order[:shift]:
+            variant = variants[k]
+            ctx.log(f"{variant.workload} run {rep + 1}/{reps}: {variant.name}")
             try:
-                run, connect = once(ctx, system, durable=True) if durable else once(ctx, system)
+                run, connect = variant.run(ctx)
             except Exception as exc:
                 ctx.log(f"  failed: {exc}")
-                failures[name].append(str(exc)[:300])
+                failures[k].append(str(exc)[:300])
                 continue
-            runs[name].append(run)
-            connects[name].append(connect)
+            runs[k].append(run)
+            connects[k].append(connect)
     rows = []
-    for name in names:
-        if runs[name]:
-            row = aggregate(workload, name, clients, runs[name], max(connects[name]))
+    for k, variant in enumerate(variants):
+        if runs[k]:
+            row = aggregate(
+                variant.workload, variant.name, variant.clients, runs[k], max(connects[k])
+            )
         else:
-            row = Row(workload=workload, system=name, clients=clients)
-        row.notes += [f"failed run: {failure}" for failure in failures[name]]
+            row = Row(workload=variant.workload, system=variant.name, clients=variant.clients)
+        row.notes += [f"failed run: {failure}" for failure in failures[k]]
         rows.append(row)
     return rows
 
@@ -432,12 +475,18 @@ def burst_once(ctx: Context, system: System, *, durable: bool = False) -> tuple[
 
 
 def paced_one_topic(
-    ctx: Context, system: System, workload: str, clients: int, rate: float, seconds: float
+    ctx: Context,
+    system: System,
+    workload: str,
+    clients: int,
+    rate: float,
+    seconds: float,
+    transport: str = "websocket",
 ) -> tuple[Measurement, float]:
     """`clients` on one topic, `rate` publications per second for `seconds`."""
     topic = f"public.bench.{workload}"
     publisher = Publisher(system.redis_url)
-    gens, connect = _connect(ctx, system, clients, [topic], name=workload)
+    gens, connect = _connect(ctx, system, clients, [topic], name=workload, transport=transport)
     try:
         _probe(ctx, gens, publisher, [topic])
         run = _measure(
@@ -459,6 +508,20 @@ def sustained_once(ctx: Context, system: System) -> tuple[Measurement, float]:
     s = ctx.sizes
     return paced_one_topic(
         ctx, system, "sustained", s.sustained_clients, s.sustained_rate, s.sustained_seconds
+    )
+
+
+def sustained_sse_once(ctx: Context, system: System) -> tuple[Measurement, float]:
+    """The sustained workload over SSE streams (`GET /sse?topic=...`) instead of websockets."""
+    s = ctx.sizes
+    return paced_one_topic(
+        ctx,
+        system,
+        "sustained.sse",
+        s.sse_sustained_clients,
+        s.sustained_rate,
+        s.sustained_seconds,
+        transport="sse",
     )
 
 
@@ -509,10 +572,21 @@ def many_topics_once(ctx: Context, system: System) -> tuple[Measurement, float]:
 class HeldConnections:
     """Idle clients held on one system: connect them (timed), keep them, check them."""
 
-    def __init__(self, ctx: Context, system: System, local_address: str) -> None:
+    def __init__(
+        self,
+        ctx: Context,
+        system: System,
+        local_address: str,
+        *,
+        clients: int,
+        transport: str = "websocket",
+    ) -> None:
         self.ctx = ctx
         self.local_address = local_address
         self.system = system
+        self.clients = clients
+        self.transport = transport
+        self.workload = "connections" + (" (sse)" if transport == "sse" else "")
         self.topic = "public.bench.idle"
         self.baseline = system.web_rss()
         self.cpu_before = 0.0
@@ -526,18 +600,18 @@ class HeldConnections:
 
     def connect(self) -> None:
         """Connect and subscribe every client; time it."""
-        sizes = self.ctx.sizes
         self.baseline = self.system.web_rss()
         self.cpu_before = cpu_seconds(self.system.server_pids())
         try:
             self.gens, self.connect_s = _connect(
                 self.ctx,
                 self.system,
-                sizes.connections,
+                self.clients,
                 [self.topic],
-                processes=sizes.connections_processes,
-                name="connections",
+                processes=self.ctx.sizes.connections_processes,
+                name=self.workload.replace(" (sse)", "-sse"),
                 local_address=self.local_address,
+                transport=self.transport,
             )
         except Exception as exc:
             self.error = str(exc)[:300]
@@ -549,67 +623,128 @@ class HeldConnections:
         self.sampler.__exit__()
         self.total_sampler.__exit__()
         sizes = self.ctx.sizes
-        row = Row(workload="connections", system=self.system.name, clients=sizes.connections)
+        clients = self.clients
+        row = Row(workload=self.workload, system=self.system.name, clients=clients)
         row.connect_s = self.connect_s
         row.peak_rss_mb = self.total_sampler.peak / MB
         if self.gens is None:
             row.notes.append(f"failed: {self.error}")
-            row.lost = sizes.connections
+            row.lost = clients
             return row
         publisher = Publisher(self.system.redis_url)
         try:
-            still_open = int(self.gens.stat()["open"])
+            stat = self.gens.stat()
             held = time.monotonic() - self.held_since
             publisher.send([self.topic])
-            self.gens.wait_received(
-                sizes.connections, idle=sizes.settle, deadline=time.monotonic() + 60
-            )
+            self.gens.wait_received(clients, idle=sizes.settle, deadline=time.monotonic() + 60)
             delivery = self.gens.report(publisher.expected())
         finally:
             self.gens.close()
             publisher.close()
         row.publications = 1
-        row.expected = sizes.connections
+        row.expected = clients
         row.delivered = delivery.delivered
         row.lost = delivery.lost
         row.duplicated = delivery.duplicated
         row.p50_ms = delivery.percentile(0.5)
         row.p99_ms = delivery.percentile(0.99)
         row.max_ms = max(delivery.latencies) if delivery.latencies else None
-        row.kb_per_connection = (self.sampler.peak - self.baseline) / sizes.connections / 1024
-        row.connect_cpu_ms = self.connect_cpu / sizes.connections * 1e3
+        row.kb_per_connection = (self.sampler.peak - self.baseline) / clients / 1024
+        row.connect_cpu_ms = self.connect_cpu / clients * 1e3
+        keepalives = f", {stat['keepalives']:,.0f} keep-alives" if self.transport == "sse" else ""
         row.notes.append(
-            f"held {held:.0f}s, {still_open} open at the end; "
-            f"server CPU {self.connect_cpu / sizes.connections * 1e3:.2f} ms/connection; "
+            f"held {held:.0f}s, {stat['open']:.0f} open at the end{keepalives}; "
+            f"server CPU {self.connect_cpu / clients * 1e3:.2f} ms/connection; "
             f"web process RSS {self.baseline / MB:.0f} -> {self.sampler.peak / MB:.0f} MB"
         )
         if delivery.unexpected_closes:
             row.notes.append(f"{delivery.unexpected_closes} connections dropped by the server")
         if self.gens.subscribe_retries:
-            row.notes.append(
-                f"{self.gens.subscribe_retries} subscribes answered `unavailable` (retried)"
-            )
+            what = "streams answered 503" if self.transport == "sse" else "subscribes answered"
+            row.notes.append(f"{self.gens.subscribe_retries} {what} `unavailable` (retried)")
         return row
 
 
-def connections(ctx: Context, systems: list[System]) -> list[Row]:
+def connections(ctx: Context, systems: list[System], *, sse: bool = False) -> list[Row]:
     """10,000 idle clients on one web worker of each system, held together for 60 s.
 
     The systems are connected one after the other (each connect is timed
-    alone) and then held side by side, so the hold costs 60 s once.
+    alone) and then held side by side, so the hold costs 60 s once. With
+    `sse`, a Tidings with one web worker started for it holds
+    `sse_connections` idle SSE streams among them: a worker of its own, since
+    one that held websockets before would reuse their freed memory.
     """
-    held = [
-        HeldConnections(ctx, system, f"127.0.0.{ctx.sizes.connections_first_address + index}")
-        for index, system in enumerate(systems)
-    ]
-    for item in held:
-        ctx.log(f"  connections: connecting {ctx.sizes.connections} clients to {item.system.name}")
-        item.connect()
-        ctx.log(f"    {item.system.name}: connected in {item.connect_s or 0:.1f}s")
-    rows = []
-    for item in held:
-        wait = item.held_since + ctx.sizes.connections_hold - time.monotonic()
-        if wait > 0:
-            time.sleep(wait)
-        rows.append(item.finish())
+    s = ctx.sizes
+    # As many streams as connect at once (the generators' concurrency).
+    warm_streams = 100 * s.connections_processes
+    fresh = None
+    if sse:
+        fresh = Tidings(
+            ctx.workdir / "connections-sse" / "tidings-1w",
+            workers=1,
+            # Room for the warm-up streams too: a full gevent pool stops accepting.
+            env={"TIDINGS_WORKER_CONNECTIONS": str(max(10000, s.sse_connections + warm_streams))},
+        )
+        fresh.start()
+    warm: Generators | None = None
+    try:
+        held = [
+            HeldConnections(
+                ctx,
+                system,
+                f"127.0.0.{s.connections_first_address + index}",
+                clients=s.connections,
+            )
+            for index, system in enumerate(systems)
+        ]
+        for item in held:
+            _hold(ctx, item)
+        if fresh is not None:
+            fresh.wait_ready()
+            # Streams held on a topic of their own before the baseline: what a
+            # worker's first streams allocate for good (a Redis connection per
+            # history read in flight) is then not counted per stream, as it is
+            # not in the websocket rows, whose worker ran other workloads first.
+            warm, _ = _connect(
+                ctx,
+                fresh,
+                warm_streams,
+                ["public.bench.warm"],
+                processes=s.connections_processes,
+                name="warm-up",
+                transport="sse",
+            )
+            item = HeldConnections(
+                ctx,
+                fresh,
+                f"127.0.0.{s.connections_first_address + len(systems)}",
+                clients=s.sse_connections,
+                transport="sse",
+            )
+            _hold(ctx, item)
+            held.append(item)
+        rows = []
+        for item in held:
+            wait = item.held_since + s.connections_hold - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            rows.append(item.finish())
+    finally:
+        if warm is not None:
+            warm.close()
+        if fresh is not None:
+            # Its rows are done: a graceful stop would wait out gunicorn's
+            # grace period (5 s) on streams whose clients have gone.
+            fresh.kill()
+    if fresh is not None:
+        rows[-1].notes.insert(
+            0, f"a Tidings of its own, {warm_streams} streams held on another topic meanwhile"
+        )
     return rows
+
+
+def _hold(ctx: Context, item: HeldConnections) -> None:
+    """Connect one system's idle clients, and say how long it took."""
+    ctx.log(f"  {item.workload}: connecting {item.clients} clients to {item.system.name}")
+    item.connect()
+    ctx.log(f"    {item.system.name}: connected in {item.connect_s or 0:.1f}s")

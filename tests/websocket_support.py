@@ -279,15 +279,26 @@ class Harness:
         self.clients: list[Client] = []
 
     def connect(
-        self, *, small_buffers: bool = False, namespace: bool = True, room: str | None = None
+        self,
+        *,
+        small_buffers: bool = False,
+        namespace: bool = True,
+        room: str | None = None,
+        receive_buffer: int | None = None,
     ) -> Client:
-        """Open a websocket, read the OPEN packet, and join namespace `/` (and `room`)."""
+        """Open a websocket, read the OPEN packet, and join namespace `/` (and `room`).
+
+        `receive_buffer` sets the client's alone: the server's send buffer
+        then holds what the client does not read (unacknowledged).
+        """
         sock = gevent.socket.socket()
         if small_buffers:
             # The kernel holds only some 100 KiB for a client that does not
             # read. (Set before connecting: a receive buffer shrunk later
             # leaves loopback TCP crawling through zero-window probes.)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        elif receive_buffer is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
         sock.connect(self.address)
         sock.sendall(handshake("/socket.io/?EIO=4&transport=websocket"))
         head, rest = read_head(sock)

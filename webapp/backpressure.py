@@ -18,8 +18,13 @@ counting one.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
+import os
 import socket
+import struct
+import termios
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +33,7 @@ from engineio import packet
 
 from tidings import metrics
 from webapp import websockets
+from webapp.transport import CLOSED
 from webapp.websockets import is_reply
 
 log = logging.getLogger("tidings.backpressure")
@@ -64,25 +70,88 @@ def _packet_size(item: Any) -> int:
     return len(data) if isinstance(data, (str, bytes, memoryview)) else 0
 
 
-def abort_connection(eio: Any, eio_sid: str) -> None:
+# SO_LINGER on, zero seconds: close() sends RST and drops unsent data.
+_RESET_ON_CLOSE = struct.pack("ii", 1, 0)
+# How long a cut client has to read what the kernel still holds for it
+# before the connection is reset instead.
+DRAIN_SECONDS = 2.0
+
+
+def abort_connection(eio: Any, eio_sid: str) -> int | None:
     """Drop a connection at the transport, so the client reconnects by itself.
 
     A Socket.IO-level disconnect would tell clients not to come back; a
     broken transport makes every Socket.IO client reconnect and resubscribe.
+    Returns how many bytes the kernel still held for the client, if known.
     """
     sock = eio.sockets.get(eio_sid)
     if sock is None:
-        return
+        return None
+    return _abort(eio, sock)
+
+
+def _abort(eio: Any, sock: engineio.socket.Socket) -> int | None:
+    """`abort_connection` of one engine.io socket; the bytes the kernel still held, if known."""
     transport = websockets.transport_of(sock)
-    raw = getattr(sock, "tidings_socket", None)  # engine.io's own websocket (TLS)
+    if transport is None:
+        raw = getattr(sock, "tidings_socket", None)  # engine.io's own websocket (TLS)
+        sock.close(wait=False, abort=True, reason=eio.reason.SERVER_DISCONNECT)
+        return _sever(raw, sock.sid) if raw is not None else None
+    # The kernel's part first: once the transport is closed its descriptor is gone.
+    unsent = _sever(transport.sock, sock.sid) if transport.state != CLOSED else None
+    transport.abort()  # no close frame: the connection just ends
     sock.close(wait=False, abort=True, reason=eio.reason.SERVER_DISCONNECT)
-    if transport is not None:
-        transport.abort()  # no close frame: the connection just ends
-    elif raw is not None:
-        # A writer blocked in send() on a full TCP buffer wakes only when the
-        # socket is shut down.
-        with contextlib.suppress(OSError):
-            raw.shutdown(socket.SHUT_RDWR)
+    return unsent
+
+
+def _sever(raw: Any, sid: str) -> int | None:
+    """End a connection after what the kernel holds for it (reset if unread); return that."""
+    try:
+        unsent: int | None = unsent_bytes(raw)
+    except OSError:
+        unsent = None
+    reset_if_undrained(raw, DRAIN_SECONDS, sid)
+    # The FIN goes out behind that data (a duplicate descriptor keeps the
+    # socket open past our close); a writer blocked in send() on a full TCP
+    # buffer (engine.io's, under TLS) wakes only when the socket is shut down.
+    with contextlib.suppress(OSError):
+        raw.shutdown(socket.SHUT_RDWR)
+    return unsent
+
+
+def reset_if_undrained(raw: socket.socket, seconds: float, sid: str = "") -> None:
+    """Reset the connection if its client has not read what the kernel holds within `seconds`.
+
+    The FIN of a shutdown waits behind that data. A client that resumes
+    reading gets it, then the end, and asks history for less; one that reads
+    slowly (a small window, megabytes held once the send buffer has grown)
+    would notice the cut only at its ping timeout, 30 s on, by when history
+    may no longer cover the gap: it gets a reset instead, which also frees
+    the kernel's buffers. A duplicate of the descriptor keeps the socket
+    until then, whenever the handler closes its own.
+    """
+    try:
+        # Through os.dup: a handed-over websocket's socket is a bare _socket.socket.
+        held = socket.socket(fileno=os.dup(raw.fileno()))
+    except OSError:
+        return
+
+    def settle() -> None:
+        with contextlib.suppress(OSError), held:
+            unsent = unsent_bytes(held)
+            if unsent > 0:
+                held.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
+                log.info("sid=%s: %d bytes unread %gs after the cut; reset", sid, unsent, seconds)
+
+    # gevent-patched in a web worker: a timer greenlet, not a thread.
+    timer = threading.Timer(seconds, settle)
+    timer.daemon = True
+    timer.start()
+
+
+def unsent_bytes(sock: socket.socket) -> int:
+    """Bytes the kernel holds for the peer, not yet acknowledged (Linux TIOCOUTQ)."""
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
 
 
 def install(
@@ -126,17 +195,19 @@ def install(
     send_packet = eio.send_packet
 
     def cut(sock: engineio.socket.Socket, packets: int, size: int) -> None:
+        metrics.slow_client_cut()
+        on_cut(sock.sid)
+        unsent = _abort(eio, sock)
         log.warning(
-            "slow client cut: sid=%s had %d packets / %d bytes queued (limits %d / %d)",
+            "slow client cut: sid=%s had %d packets / %d bytes queued (limits %d / %d),"
+            " %s bytes more in the kernel",
             sock.sid,
             packets,
             size,
             max_packets,
             max_bytes,
+            "?" if unsent is None else unsent,
         )
-        metrics.slow_client_cut()
-        on_cut(sock.sid)
-        abort_connection(eio, sock.sid)
 
     def cut_later(sock: engineio.socket.Socket, packets: int, size: int) -> None:
         # Not inline: this runs inside an emit loop over a room, or in the hub.

@@ -18,8 +18,10 @@ of one thread, never blocking, so no lock is needed.
 Subclasses say what the bytes mean and what to do when the peer is gone:
 `webapp.websockets` (engine.io over websocket frames). The lifecycle: OPEN,
 then CLOSING (`close(flush=True)`: the backlog goes out, at most
-`FLUSH_SECONDS`), then CLOSED, when the socket is closed, the watchers are
-gone, and `finished` runs once.
+`FLUSH_SECONDS`) or HELD (`hold`: a cut under way, reading and writing
+stopped, the backlog dropped, the socket left to whoever ends it), then
+CLOSED, when the socket is closed, the watchers are gone, and `finished` runs
+once.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from gevent import get_hub
 
 log = logging.getLogger("tidings.transport")
 
-OPEN, CLOSING, CLOSED = 0, 1, 2
+OPEN, CLOSING, CLOSED, HELD = 0, 1, 2, 3
 READ, WRITE = 1, 2
 # Bytes one readiness event may read; a client sending more is read again on
 # the next turn of the loop, after every other ready connection.
@@ -214,6 +216,17 @@ class Transport:
     def over_bounds(self, packets: int, size: int) -> None:
         """The backlog would pass its bounds: cut the connection (subclasses say more)."""
         self.abort()
+
+    def hold(self) -> None:
+        """Read and write no more, drop the backlog; the socket stays open until `abort`.
+
+        A cut ends the connection at the kernel (what it holds, then the
+        end) before the socket is closed, from a greenlet of its own.
+        """
+        if self.state == OPEN:
+            self.state = HELD
+            self.stop_reading()
+            self._stop_writing()
 
     # -- closing ---------------------------------------------------------------------------
 

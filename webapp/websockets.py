@@ -349,10 +349,14 @@ class EngineWebSocket(Transport):
         self.abort()
 
     def over_bounds(self, packets: int, size: int) -> None:
-        """Cut a client whose backlog passed its bounds: logged, counted, dropped at once."""
+        """Cut a client whose backlog passed its bounds: nothing more in or out from now on.
+
+        `on_cut` (`webapp.backpressure`) ends it in a greenlet of its own:
+        logged, counted, the kernel's data measured, then the end.
+        """
         if self.state == OPEN:
+            self.hold()
             self.layer.on_cut(self.eio, packets, size)
-            self.abort()
 
     def finished(self) -> None:
         """The socket is closed: engine.io closes the session (an upgrade's failure does not)."""

@@ -1,22 +1,31 @@
-// One load-generator process of the Tidings benchmark: N Socket.IO clients
-// speaking Engine.IO v4 / Socket.IO v5 over websocket, framed by hand on plain
-// TCP sockets (wsframe.js: no socket.io-client, not even `ws`).
+// One load-generator process of the Tidings benchmark: N clients, each on a
+// plain TCP socket framed by hand (no socket.io-client, not even `ws`):
+//
+// - transport "websocket" (the default): Socket.IO clients speaking Engine.IO
+//   v4 / Socket.IO v5 over websocket (wsframe.js);
+// - transport "sse": Server-Sent Events streams, `GET /sse?topic=...`
+//   (ssestream.js), Tidings only.
 //
 //   node loadgen.js '{"url": "http://127.0.0.1:8000", "count": 100, "first": 0,
-//                     "topics": ["public.bench"], "own_prefix": null}'
+//                     "topics": ["public.bench"], "own_prefix": null,
+//                     "transport": "websocket"}'
 //
-// Every client connects with transport=websocket, joins the default
+// A websocket client connects with transport=websocket, joins the default
 // namespace, emits `subscribe` {topic} for each of its topics and waits for
-// each ack {ok: true}. It then counts every `publications` event: each
-// publication's data is {"t": <publish time, epoch ms>, "n": <sequence number
-// in its topic>}, so the receiver computes the latency and counts what it got
-// once, twice, or not at all.
+// each ack {ok: true}; it then counts every publication of every
+// `publications` event. An SSE client requests `/sse?topic=<t>&...` (all its
+// topics in one stream), is ready at the stream's `subscribed` event, and
+// counts every `publication` event; a 503 (the contract's "try again") is
+// retried on a new connection. Each publication's data is {"t": <publish
+// time, epoch ms>, "n": <sequence number in its topic>}, so the receiver
+// computes the latency and counts what it got once, twice, or not at all.
 //
 // The harness drives the process with one JSON command per stdin line and
 // reads one JSON event per stdout line:
 //   (start)                  -> {"event": "ready", "connect_ms", "failed", ...}
 //   {"cmd": "stat"}          -> {"event": "stat", "received", "last_ms", "open",
-//                               "unexpected_closes", "server_closes", ...}
+//                               "unexpected_closes", "server_closes",
+//                               "keepalives", ...}
 //   {"cmd": "reset"}         -> {"event": "reset"}   (forget what was received)
 //   {"cmd": "window", "latfile": path}
 //                            -> {"event": "window", "latencies": N}: the latencies
@@ -32,6 +41,7 @@
 const fs = require("fs");
 const { out, serve } = require("./lines.js");
 const { performance } = require("perf_hooks");
+const { EventStreamClient, parseEvent } = require("./ssestream.js");
 const { FramedClient } = require("./wsframe.js");
 
 const config = JSON.parse(process.argv[2]);
@@ -40,6 +50,7 @@ const first = config.first || 0;
 const shared = config.topics || [];
 const ownPrefix = config.own_prefix || null;
 const inFlight = config.concurrency || 100;
+const transport = config.transport || "websocket";
 // A source address of its own per system lets several systems hold 10,000
 // connections each without running out of ephemeral ports.
 const localAddress = config.local_address || undefined;
@@ -50,6 +61,9 @@ const target = {
   host: base.host,
   path: "/socket.io/?EIO=4&transport=websocket",
 };
+if (transport !== "websocket" && transport !== "sse") {
+  throw new Error(`unknown transport ${transport}`);
+}
 
 const origin = performance.timeOrigin;
 const now = () => origin + performance.now();
@@ -64,6 +78,7 @@ let firstMs = 0;
 let lastMs = 0;
 let stray = 0; // publications with no usable {t, n}
 let subscribeRetries = 0; // subscribes answered "unavailable" and sent again
+let keepalives = 0; // SSE keep-alive comments
 let lastEventText = "";
 let lastEventMessage = null;
 
@@ -93,7 +108,9 @@ let ready = 0;
 let failed = 0;
 let open = 0;
 let unexpectedCloses = 0;
-let serverCloses = 0; // engine.io CLOSE packets: the server ended a session (a ping timeout)
+// The server ended a session: an engine.io CLOSE packet (a ping timeout), or
+// the last chunk of an SSE response.
+let serverCloses = 0;
 const errors = [];
 let closing = false;
 let readyReported = false;
@@ -103,17 +120,83 @@ function noteError(message) {
   if (errors.length < 5) errors.push(message);
 }
 
-class Client extends FramedClient {
+// What both kinds of client share: their topics, their state, and how they
+// count a publication.
+const Counting = (Base) =>
+  class extends Base {
+    constructor(index, topics, ...transportArgs) {
+      super(...transportArgs);
+      this.index = index;
+      this.topics = topics;
+      // topic -> counts by n, one byte each: a 30-minute soak numbers 36,000
+      // publications per topic, for every one of a thousand clients.
+      this.seen = new Map();
+      this.state = "connecting";
+      this.retries = 0;
+    }
+
+    onSocketError(err) {
+      noteError(`client ${this.index}: ${err.message}`);
+      this.fail();
+    }
+
+    onSocketClose() {
+      if (this.opened) open--;
+      this.opened = false;
+      if (!closing) {
+        if (this.state === "ready") unexpectedCloses++;
+        this.fail();
+      }
+      this.state = "closed";
+    }
+
+    fail() {
+      if (this.state === "connecting" || this.state === "subscribing") {
+        this.state = "failed";
+        failed++;
+        settle();
+      }
+      if (this.sock && !closing) this.sock.destroy();
+    }
+
+    becomeReady() {
+      this.state = "ready";
+      ready++;
+      settle();
+    }
+
+    // One publication {topic, data: {t, n}} received at `at` (epoch ms).
+    count(pub, at) {
+      const data = pub && pub.data;
+      if (!data || !Number.isInteger(data.n) || data.n < 0 || typeof data.t !== "number") {
+        stray++;
+        return;
+      }
+      const n = data.n;
+      received++;
+      recordLatency(at - data.t, n);
+      let counts = this.seen.get(pub.topic);
+      if (counts === undefined || n >= counts.length) {
+        counts = grown(counts, n);
+        this.seen.set(pub.topic, counts);
+      }
+      if (counts[n] < 255) counts[n]++;
+    }
+  };
+
+// A timestamp for a publication event: the first and last of the process kept.
+function receivedEvent() {
+  const at = now();
+  events++;
+  if (firstMs === 0) firstMs = at;
+  lastMs = at;
+  return at;
+}
+
+class SocketIOClient extends Counting(FramedClient) {
   constructor(index) {
-    super(target, localAddress);
-    this.index = index;
-    this.topics = ownPrefix ? [...shared, ownPrefix + index] : [...shared];
-    // topic -> counts by n, one byte each: a 30-minute soak numbers 36,000
-    // publications per topic, for every one of a thousand clients.
-    this.seen = new Map();
+    super(index, topicsOf(index), target, localAddress);
     this.pendingAcks = 0;
-    this.state = "connecting";
-    this.retries = 0;
   }
 
   onUpgraded() {
@@ -123,30 +206,6 @@ class Client extends FramedClient {
   onRefused(head) {
     noteError(`client ${this.index}: upgrade refused: ${head}`);
     this.fail();
-  }
-
-  onSocketError(err) {
-    noteError(`client ${this.index}: ${err.message}`);
-    this.fail();
-  }
-
-  onSocketClose() {
-    if (this.opened) open--;
-    this.opened = false;
-    if (!closing) {
-      if (this.state === "ready") unexpectedCloses++;
-      this.fail();
-    }
-    this.state = "closed";
-  }
-
-  fail() {
-    if (this.state === "connecting" || this.state === "subscribing") {
-      this.state = "failed";
-      failed++;
-      settle();
-    }
-    if (this.sock && !closing) this.sock.destroy();
   }
 
   onFrame(text) {
@@ -209,12 +268,6 @@ class Client extends FramedClient {
     if (--this.pendingAcks === 0 && this.state === "subscribing") this.becomeReady();
   }
 
-  becomeReady() {
-    this.state = "ready";
-    ready++;
-    settle();
-  }
-
   onEvent(text) {
     // The clients of one process mostly receive the same frames one after the
     // other: an identical text (compared in full) is parsed once. Each client
@@ -233,28 +286,79 @@ class Client extends FramedClient {
       lastEventMessage = message;
     }
     if (message[0] !== "publications" || !Array.isArray(message[1])) return;
-    const at = now();
-    events++;
-    if (firstMs === 0) firstMs = at;
-    lastMs = at;
-    for (const pub of message[1]) {
-      const data = pub && pub.data;
-      if (!data || !Number.isInteger(data.n) || data.n < 0 || typeof data.t !== "number") {
-        stray++;
-        continue;
+    const at = receivedEvent();
+    for (const pub of message[1]) this.count(pub, at);
+  }
+}
+
+class SseClient extends Counting(EventStreamClient) {
+  constructor(index) {
+    const topics = topicsOf(index);
+    const query = topics.map((topic) => `topic=${encodeURIComponent(topic)}`).join("&");
+    super(index, topics, target, `/sse?${query}`, localAddress);
+  }
+
+  onOpened() {
+    open++;
+  }
+
+  onRefused(status, line, body) {
+    const sock = this.sock;
+    if (status === 503 && this.retries < 100) {
+      // The contract's "try again" (Redis or the queue unreachable for now),
+      // on a new connection, as an EventSource would.
+      this.retries++;
+      subscribeRetries++;
+      this.sock = null; // its close is not this client's failure
+      sock.destroy();
+      setTimeout(() => closing || this.start(), 20 + Math.random() * 80);
+      return;
+    }
+    noteError(`client ${this.index}: ${line} ${body}`);
+    this.fail();
+  }
+
+  onEnded() {
+    serverCloses++;
+    this.sock.destroy(); // its close counts it, as an unexpected close once ready
+  }
+
+  onEventText(text) {
+    // Every stream of one topic set gets the same event text (its id is the
+    // stream's position in each topic): an identical text is parsed once.
+    let fields;
+    if (text === lastEventText) {
+      fields = lastEventMessage;
+    } else {
+      fields = parseEvent(text);
+      if (fields.event === "publication") {
+        try {
+          fields.publication = JSON.parse(fields.data);
+        } catch {
+          fields.publication = null;
+        }
       }
-      const n = data.n;
-      received++;
-      recordLatency(at - data.t, n);
-      let counts = this.seen.get(pub.topic);
-      if (counts === undefined || n >= counts.length) {
-        counts = grown(counts, n);
-        this.seen.set(pub.topic, counts);
-      }
-      if (counts[n] < 255) counts[n]++;
+      lastEventText = text;
+      lastEventMessage = fields;
+    }
+    if (fields.event === "publication") {
+      this.count(fields.publication, receivedEvent());
+    } else if (fields.data === null) {
+      if (fields.retry === null) keepalives++; // not the stream's first block (`retry:`)
+    } else if (fields.event === "subscribed" && this.state === "connecting") {
+      this.becomeReady();
+    } else {
+      noteError(`client ${this.index}: event ${fields.event} ${String(fields.data).slice(0, 200)}`);
+      stray++;
     }
   }
 }
+
+function topicsOf(index) {
+  return ownPrefix ? [...shared, ownPrefix + index] : [...shared];
+}
+
+const Client = transport === "sse" ? SseClient : SocketIOClient;
 
 // A copy of `counts` (or a new one) with room for index n: doubled, so a topic
 // numbered 0..N costs log N copies.
@@ -369,6 +473,7 @@ serve({
       failed,
       unexpected_closes: unexpectedCloses,
       server_closes: serverCloses,
+      keepalives,
     }),
   reset: () => {
     for (const client of clients) client.seen.clear();

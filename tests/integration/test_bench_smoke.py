@@ -35,6 +35,8 @@ TINY = {
     "many_seconds": 1,
     "connections": 50,
     "connections_processes": 2,
+    "sse_sustained_clients": 10,
+    "sse_connections": 50,
     "own_clients": 10,
     "own_rate": 50,
     "own_seconds": 1,
@@ -92,9 +94,11 @@ def test_quick_bench_of_tidings_completes_with_nothing_lost(node: None, tmp_path
     assert workloads == {
         "burst",
         "sustained",
+        "sustained (sse)",
         "light",
         "many-topics",
         "connections",
+        "connections (sse)",
         "own-topics 50/s",
         "own-topics burst",
         "ceiling 100/s",
@@ -122,6 +126,7 @@ def test_quick_bench_of_tidings_completes_with_nothing_lost(node: None, tmp_path
     assert "deliv/s" in done.stdout
     written = out.read_text()
     assert "## Targets (issues 7 and 13)" in written
+    assert "## Server-Sent Events" in written  # the SSE rows against the websocket ones
     assert "](scale-out.png)" in written
     assert (tmp_path / "scale-out.png").stat().st_size > 0
     # A separate benchmark's result survives the rewrite, after the generated part.

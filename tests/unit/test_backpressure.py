@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import time
+
 import engineio.socket
 import pytest
 import socketio
@@ -100,3 +104,63 @@ def test_websocket_backlogs_are_measured_by_the_same_rule(
 ) -> None:
     # `webapp.transport` asks `Bounds` with its backlog's numbers, as the queue path does.
     assert Bounds(100, MAX_BYTES).admits(packets, held, replies, size, reply) is admitted
+
+
+def _connected_pair(rcvbuf: int | None = None) -> tuple[socket.socket, socket.socket]:
+    """A server-side and a client-side TCP socket over loopback."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.socket()
+    if rcvbuf is not None:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    client.connect(listener.getsockname())
+    server, _ = listener.accept()
+    listener.close()
+    return server, client
+
+
+def _fill(server: socket.socket) -> int:
+    """Write until the kernel takes no more; return how much it took."""
+    server.setblocking(False)
+    sent = 0
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            sent += server.send(b"x" * 65536)
+    return sent
+
+
+def _cut(server: socket.socket, seconds: float) -> None:
+    """What abort_connection does to the raw socket, then the handler's own close."""
+    backpressure.reset_if_undrained(server, seconds)
+    server.shutdown(socket.SHUT_RDWR)
+    server.close()
+
+
+def test_a_cut_client_that_reads_on_gets_the_rest_and_then_the_end() -> None:
+    server, client = _connected_pair()
+    with client:
+        sent = _fill(server)
+        _cut(server, 2.0)
+        client.settimeout(5)
+        received = 0
+        while chunk := client.recv(1 << 20):
+            received += len(chunk)
+        assert received == sent  # then a clean end: no reset
+
+
+def test_a_cut_client_that_does_not_read_is_reset_after_the_drain_time() -> None:
+    # A window this small leaves the sender to probe it: the kernel holds the
+    # rest of what was written, and a FIN behind it would take minutes to arrive.
+    server, client = _connected_pair(rcvbuf=4096)
+    with client:
+        sent = _fill(server)
+        assert backpressure.unsent_bytes(server) > 0
+        started = time.monotonic()
+        _cut(server, 0.3)
+        time.sleep(0.6)  # the client reads nothing while the drain time runs out
+        client.settimeout(5)
+        received = 0
+        with pytest.raises(ConnectionResetError):
+            while chunk := client.recv(1 << 20):
+                received += len(chunk)
+        assert received < sent
+        assert time.monotonic() - started < 5

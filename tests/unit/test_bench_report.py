@@ -1,10 +1,11 @@
-"""RESULTS.md's separate measurements: written by their own commands, kept by `make bench`."""
+"""RESULTS.md: the separate measurements (kept by `make bench`), the Server-Sent Events section."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from bench.report import SEPARATE, record_separate, separate_section
+from bench.report import SEPARATE, _sse_section, record_separate, separate_section
+from bench.workloads import Row
 
 
 def test_a_separate_result_replaces_its_own_previous_one_only(tmp_path: Path) -> None:
@@ -27,3 +28,27 @@ def test_the_section_is_everything_from_its_heading(tmp_path: Path) -> None:
     record_separate(out, "one", "python -m bench.one", "1 us")
     section = separate_section("# Benchmark results\n\nnew table\n\n" + out.read_text())
     assert section.startswith(SEPARATE) and section.rstrip().endswith("1 us")
+
+
+def test_the_sse_section_sets_each_sse_row_against_its_websocket_row() -> None:
+    rows = [
+        Row("sustained", "tidings-1w", 1000, deliveries_per_s=20000.0, cpu_us_per_delivery=10.0),
+        Row("sustained", "node", 1000, cpu_us_per_delivery=1.0),
+        Row(
+            "sustained (sse)",
+            "tidings-1w",
+            1000,
+            deliveries_per_s=19000.0,
+            cpu_us_per_delivery=30.0,
+        ),
+        Row("connections (sse)", "tidings-1w", 10000, kb_per_connection=30.0, lost=2),
+    ]
+    lines = _sse_section(rows)
+    assert lines[0] == "## Server-Sent Events"
+    assert "| sustained: deliveries/s | 20,000 | 19,000 | 0.95x |" in lines
+    assert "| sustained: CPU us/deliv | 10.0 | 30.0 | 3.00x |" in lines
+    assert "| sustained: lost / duplicated | 0 / 0 | 0 / 0 | |" in lines
+    # No websocket row to set it against: the SSE figures alone.
+    assert "| connections: KB/conn | - | 30.0 | - |" in lines
+    assert "| connections: lost / duplicated | - | 2 / 0 | |" in lines
+    assert _sse_section(rows[:2]) == []

@@ -24,8 +24,9 @@ from websocket import ABNF
 from tests.support import forwarded_message
 from tests.websocket_support import Harness, parse, settle
 from tidings.keys import history_key
-from webapp import fanout
+from webapp import backpressure, fanout
 from webapp import queue as queue_module
+from webapp import transport as transport_module
 from webapp.routing import Route
 
 ROOM = "t:public.x"
@@ -150,6 +151,39 @@ def test_the_bounds_cut_a_client_that_stopped_reading() -> None:
         frames = stalled.until_closed()
         numbers = [json.loads(f.data[2:])[1][0]["data"]["n"] for f in frames]
         assert numbers == list(range(len(numbers))) and len(numbers) < 100
+    finally:
+        harness.close()
+
+
+def test_a_cut_client_that_does_not_read_on_is_reset_after_the_drain_time(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(backpressure, "DRAIN_SECONDS", 0.3)
+    harness = Harness(max_bytes=100_000)
+    try:
+        # A small window: what the client does not read stays in the server's
+        # send buffer, unacknowledged, as for a slow client far away.
+        stalled = harness.connect(receive_buffer=4096, room=ROOM)
+        transport = stalled.transport
+        with caplog.at_level(logging.INFO, logger="tidings.backpressure"):
+            for n in range(1000):
+                publish(harness, n, 5000)
+                if harness.cuts:
+                    break
+            settle(lambda: harness.cuts == [stalled.eio_sid])
+            settle(lambda: "bytes more in the kernel" in caplog.text)
+            # The log says what the kernel still held for the client, a number.
+            line = next(
+                r.getMessage() for r in caplog.records if "slow client cut" in r.getMessage()
+            )
+            held = int(line.rsplit(", ", 1)[1].split()[0])
+            assert held > 0
+            assert transport.state == transport_module.CLOSED
+            # Unread past the drain time: reset, not a FIN behind megabytes.
+            settle(lambda: "after the cut; reset" in caplog.text)
+        with pytest.raises(ConnectionResetError), gevent.Timeout(10):
+            while stalled.sock.recv(65536):
+                pass
     finally:
         harness.close()
 
