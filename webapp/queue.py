@@ -55,7 +55,7 @@ from tidings.pubsub import PubSubConnection, is_pong
 from webapp import fanout
 from webapp.backpressure import abort_connection
 from webapp.routing import LINGER_SECONDS, LIVE, Route, Routes
-from webapp.sse import Stream, publication_events
+from webapp.sse import Outgoing, Stream, publication_events
 
 log = logging.getLogger("tidings.queue")
 
@@ -277,11 +277,15 @@ class QueueManager(socketio.PubSubManager):
                     join.held.append((listing, last))
         if streams:
             with contextlib.suppress(ValueError):
-                events = publication_events(_decode(listing.decode())[0])
+                # Each distinct next id and chunk is built once for the streams
+                # at the same positions, and written at once to idle ones.
+                outgoing = Outgoing(topic, publication_events(_decode(listing.decode())[0]))
+                reached = 0
                 for stream in list(streams.values()):
-                    sent = stream.send(topic, events)
-                    if sent:
-                        self.batch.sent(1, 0)
+                    if stream.deliver(outgoing):
+                        reached += 1
+                if reached:
+                    self.batch.sent(reached, 0)
             if last is not None:
                 self._shown[topic] = (last, meta["last"])
         if members:
@@ -738,9 +742,9 @@ class QueueManager(socketio.PubSubManager):
                 len(pubs),
                 extra={"topic": topic},
             )
-            events = publication_events(pubs)
+            outgoing = Outgoing(topic, publication_events(pubs))
             for stream in list(self._streams.get(topic, {}).values()):
-                stream.send(topic, events)
+                stream.deliver(outgoing)
             fresh = self._fresh.pop(topic, {})
             skip = [sid for sid in fresh if sid in dict(participants)]
             self._emit_here("publications", pubs, "/", name, skip)

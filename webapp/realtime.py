@@ -83,6 +83,18 @@ class Connections:
     sweeper_lock: threading.Lock = field(default_factory=threading.Lock)
     sweeping: bool = False
 
+    def forget(self, sid: str) -> Connection | None:
+        """Drop a gone connection (Socket.IO or SSE) from every count; return it if it was known."""
+        connection = self.by_sid.pop(sid, None)
+        self.expiring.discard(sid)
+        if connection is not None:
+            for topic in connection.grant.topics:
+                metrics.subscription_changed(topic, -1)
+            self.per_ip[connection.ip] -= 1
+            if self.per_ip[connection.ip] <= 0:
+                del self.per_ip[connection.ip]
+        return connection
+
 
 def _error(error: str) -> dict[str, Any]:
     return {"ok": False, "error": error}
@@ -167,16 +179,8 @@ class Handlers:
 
     def disconnect(self, sid: str, *_: Any) -> None:
         """Forget a connection's state."""
-        connections = self.connections
-        connection = connections.by_sid.pop(sid, None)
-        connections.expiring.discard(sid)
+        self.connections.forget(sid)
         self.app.extensions["tidings.presence"].disconnected(sid)  # presence hook (issue 14)
-        if connection is not None:
-            for topic in connection.grant.topics:
-                metrics.subscription_changed(topic, -1)
-            connections.per_ip[connection.ip] -= 1
-            if connections.per_ip[connection.ip] <= 0:
-                del connections.per_ip[connection.ip]
 
     def subscribe(self, sid: str, payload: Any = None, *_: Any) -> dict[str, Any]:
         """Join a topic's room and answer with its offset and, with `since`, what was missed."""

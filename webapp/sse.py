@@ -25,23 +25,50 @@ is cut, as a websocket is, when its backlog passes TIDINGS_CLIENT_QUEUE_BYTES
 or TIDINGS_CLIENT_QUEUE_PACKETS: the response ends, and `EventSource`
 reconnects and resumes from its last event id. Bad input gets a 4xx with a
 named error before the stream starts.
+
+A message reaches a topic's streams from the queue manager's greenlet
+(`Stream.deliver`). Its events, and each distinct id that follows them, are
+built once for all the streams at the same positions (`Positions` are
+interned, `Outgoing` keeps what each got). Once a response's headers are out,
+a stream whose own greenlet waits for work gets its chunk at once, with one
+non-blocking `send()` on the socket (as `webapp.fanout` does for
+websockets): no switch to that greenlet, no pywsgi write. Anything else (the
+rest of a partial send, a chunk for a stream still writing an earlier one)
+is queued for the stream's greenlet, which writes the socket itself, in
+order; nothing can overtake what is in flight. The connection's 8 KB read
+buffer is swapped for a small one meanwhile: the client sends nothing more.
+
+Internals relied on (gevent 26.9 pywsgi; check them on upgrade): the
+`start_response` the app gets is a bound method of the connection's
+`WSGIHandler`, which has `headers_sent`, `response_use_chunked`,
+`response_length`, `socket`, `rfile` and `wsgi_input.rfile`, writes each
+item of the body as one chunk and ends the body with `0\r\n\r\n` after the
+iterator ends; gevent sockets keep the stdlib socket, non-blocking, as
+`_sock`. Anything else (another server, a middleware's `start_response`,
+TLS, HTTP/1.0) takes the server's own writes, as before.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import redis
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
+from gevent.pywsgi import WSGIHandler
+from gevent.socket import socket as gevent_socket
 
 from tidings import metrics
+from tidings.event_stream import ID_VERSION, read_event_id
+from tidings.event_stream import position as encode_position
 from tidings.history import BEGINNING, parse_offset, recover_many
 from tidings.topics import is_valid_topic
 from webapp.addresses import client_address
@@ -60,54 +87,23 @@ MAX_TOPICS = 32
 MAX_QUERY_BYTES = 4096
 # How long `EventSource` waits before reconnecting after the stream ends (ms).
 RETRY_MS = 1000
-ID_VERSION = "1"
 SID_PREFIX = "sse:"
-
-
-def encode_position(offset: str | None) -> str:
-    """Return one topic's position as it goes into an event id."""
-    pair = parse_offset(offset)
-    if pair is None:
-        return ""
-    if pair == (0, 0):
-        return "0"
-    return f"{_base36(pair[0])}.{_base36(pair[1])}"
+# Bytes: the read buffer of a stream's connection once its response has
+# started (its client sends nothing more; a next request still parses).
+READ_BUFFER = 512
+KEEPALIVE = b": keep-alive\n\n"
+TOKEN_EXPIRED = b'event: token_expired\ndata: {"grace":0}\n\n'
 
 
 def decode_positions(last_event_id: str, topics: int) -> list[str | None]:
     """Return the offsets an event id holds for each of `topics` topics; ValueError if malformed."""
-    version, colon, body = last_event_id.partition(":")
-    if version != ID_VERSION or not colon or len(last_event_id) > 64 * MAX_TOPICS:
+    if len(last_event_id) > 64 * MAX_TOPICS:
         raise ValueError("not an id this server gave")
-    parts = body.split(",")
-    if len(parts) != topics:
-        raise ValueError(f"the id holds {len(parts)} positions for {topics} topics")
-    positions: list[str | None] = []
-    for part in parts:
-        if part == "":
-            positions.append(None)
-        elif part == "0":
-            positions.append(BEGINNING)
-        else:
-            ms, dot, seq = part.partition(".")
-            if not dot:
-                raise ValueError(f"bad position {part!r}")
-            positions.append(f"{int(ms, 36)}-{int(seq, 36)}")  # ValueError if not base 36
-    return positions
-
-
-def _base36(number: int) -> str:
-    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
-    out = ""
-    while True:
-        number, rest = divmod(number, 36)
-        out = digits[rest] + out
-        if not number:
-            return out
+    return read_event_id(last_event_id, topics)
 
 
 def publication_events(pubs: list[dict[str, Any]]) -> list[tuple[tuple[int, int], str, bytes]]:
-    """Return each publication's offset (pair, text) and its `event:`/`data:` lines, built once."""
+    """Return each publication's offset (pair, id position) and its `event:`/`data:` lines, once."""
     events = []
     for pub in pubs:
         offset = pub.get("offset")
@@ -115,21 +111,207 @@ def publication_events(pubs: list[dict[str, Any]]) -> list[tuple[tuple[int, int]
         if pair is None:
             continue
         data = json.dumps(pub, separators=(",", ":"), ensure_ascii=False)
-        events.append((pair, offset, b"event: publication\ndata: " + data.encode() + b"\n\n"))
+        events.append(
+            (pair, encode_position(offset), b"event: publication\ndata: " + data.encode() + b"\n\n")
+        )
     return events
 
 
+def chunk(data: bytes) -> bytes:
+    """Return `data` as one chunk of a chunked HTTP/1.1 body (RFC 9112 7.1), as pywsgi frames it."""
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+class Positions:
+    """A stream's position in each of its topics and the `id:` line that says so; never changed.
+
+    Interned (`Positions.of`): streams of the same topics at the same positions
+    hold the same object, so that a message's events, ids and chunk are built
+    once for all of them (`Outgoing`), not once per stream.
+    """
+
+    __slots__ = ("__weakref__", "id_line", "pairs", "positions", "topics")
+
+    _interned: ClassVar[weakref.WeakValueDictionary[tuple[Any, ...], Positions]] = (
+        weakref.WeakValueDictionary()
+    )
+
+    def __init__(
+        self,
+        topics: tuple[str, ...],
+        positions: tuple[str, ...],
+        pairs: tuple[tuple[int, int] | None, ...],
+    ) -> None:
+        self.topics = topics
+        # Per topic: as the id writes it, and the offset the stream is past (None: unknown).
+        self.positions = positions
+        self.pairs = pairs
+        self.id_line = f"id: {ID_VERSION}:{','.join(positions)}\n".encode()
+
+    @classmethod
+    def of(
+        cls,
+        topics: tuple[str, ...],
+        positions: tuple[str, ...],
+        pairs: tuple[tuple[int, int] | None, ...],
+    ) -> Positions:
+        """Return the one `Positions` of these values."""
+        key = (topics, positions, pairs)
+        known = cls._interned.get(key)
+        if known is None:
+            known = cls._interned[key] = cls(topics, positions, pairs)
+        return known
+
+    @classmethod
+    def start(cls, topics: tuple[str, ...]) -> Positions:
+        """Return the positions of a stream that knows nothing of its topics yet."""
+        return cls.of(topics, ("",) * len(topics), (None,) * len(topics))
+
+    def moved(self, index: int, position: str, pair: tuple[int, int] | None) -> Positions:
+        """Return these positions with topic `index` at `position` (and past `pair`, if known)."""
+        positions = list(self.positions)
+        positions[index] = position
+        pairs = self.pairs
+        if pair is not None:
+            pairs = (*pairs[:index], pair, *pairs[index + 1 :])
+        return Positions.of(self.topics, tuple(positions), pairs)
+
+    def advance(
+        self, topic: str, events: list[tuple[tuple[int, int], str, bytes]]
+    ) -> tuple[Positions, bytes, int]:
+        """Return the positions past the events newer than these, their text with ids, how many."""
+        index = self.topics.index(topic)
+        after = self.pairs[index]
+        at = self
+        parts = []
+        for pair, position, text in events:
+            if after is not None and pair <= after:
+                continue  # the stream has it already (a recovery overlapped the live stream)
+            after = pair
+            at = at.moved(index, position, pair)
+            parts.append(at.id_line + text)
+        return at, b"".join(parts), len(parts)
+
+
+# What a stream gets of a message: its next positions, its text, as a chunk, how many events.
+Step = tuple[Positions, bytes, bytes, int]
+
+
+class Outgoing:
+    """A message for a topic's streams: what each distinct `Positions` gets, built once."""
+
+    __slots__ = ("clock", "events", "now", "steps", "topic")
+
+    def __init__(self, topic: str, events: list[tuple[tuple[int, int], str, bytes]]) -> None:
+        self.topic = topic
+        self.events = events
+        self.steps: dict[Positions, Step] = {}
+        self.now = time.time()  # tokens' expiry
+        self.clock = time.monotonic()  # streams' idle time
+
+    def step(self, at: Positions) -> Step:
+        """Return what a stream at `at` gets (cached: every stream there gets the same bytes)."""
+        step = self.steps.get(at)
+        if step is None:
+            after, text, count = at.advance(self.topic, self.events)
+            step = self.steps[at] = (after, text, chunk(text) if count else b"", count)
+        return step
+
+
+class Wire:
+    """A stream's socket, written directly once its response's headers are out."""
+
+    __slots__ = ("handler", "raw", "sock")
+
+    def __init__(self, handler: Any, sock: Any) -> None:
+        self.handler = handler  # gevent pywsgi's WSGIHandler: its response length for the log
+        self.sock = sock  # the gevent socket: blocking sends wait on it
+        self.raw = sock._sock  # the stdlib socket under it, non-blocking
+
+    def send(self, data: bytes) -> None:
+        """Send all of `data` from the response's greenlet, waiting for the client if need be."""
+        try:
+            sent = self.raw.send(data)
+        except BlockingIOError:
+            sent = 0
+        if sent < len(data):
+            # gevent's sendall: waits for the socket (and asks its SO_SNDBUF each call).
+            self.sock.sendall(memoryview(data)[sent:])
+        self.handler.response_length += len(data)
+
+
+def _nothing_buffered(rfile: Any, sock: Any) -> bool:
+    """Tell whether `rfile` holds no bytes beyond the request, without blocking."""
+    timeout = sock.gettimeout()
+    sock.settimeout(0.0)
+    try:
+        # Buffered bytes come back as they are; with none, one non-blocking
+        # recv() (b"" when nothing has arrived). Nothing is lost either way:
+        # what peek() returns stays in the old reader, which is then kept.
+        return not rfile.peek()
+    except OSError:  # the peer went away already; the next write finds out
+        return False
+    finally:
+        sock.settimeout(timeout)
+
+
+def _small_reader(handler: Any) -> None:
+    """Read the rest of the connection (the next request, if any) through a small buffer.
+
+    pywsgi's reader holds 8 KB for the connection's life, and a stream's
+    client sends nothing while it lasts (as `webapp.worker` does for
+    upgraded websockets).
+    """
+    old, sock = handler.rfile, handler.socket
+    if old is None or not _nothing_buffered(old, sock):
+        return  # a pipelined request waits in it: keep it (correct, just larger)
+    small = sock.makefile("rb", READ_BUFFER)
+    handler.rfile = small
+    if handler.wsgi_input is not None and handler.wsgi_input.rfile is old:
+        handler.wsgi_input.rfile = small
+    old.close()  # drops its reference to the socket, which stays open
+
+
 class Stream:
-    """One SSE response: its topics, its position in each, and what waits to be written."""
+    """One SSE response: its topics, its position in each, and what waits to be written.
+
+    The queue manager's greenlet hands each message to every stream
+    (`deliver`). While the response's own greenlet waits for work, the chunk
+    goes out at once with one non-blocking `send()` from there (as
+    `webapp.fanout` does for websockets): no switch to that greenlet, no
+    pywsgi write. Otherwise, or for what the kernel did not take, it is
+    queued for the response's greenlet, which sends queued bytes in order.
+    """
+
+    __slots__ = (
+        "_bytes",
+        "_events",
+        "_max_bytes",
+        "_max_packets",
+        "_queue",
+        "_wake",
+        "_wire",
+        "_writing",
+        "at",
+        "closed",
+        "cut",
+        "grant",
+        "handler",
+        "sent_at",
+        "sid",
+        "topics",
+    )
 
     def __init__(self, sid: str, topics: list[str], grant: Grant, *, bounds: tuple[int, int]):
         self.sid = sid
         self.topics = topics
         self.grant = grant
-        self.positions = {topic: "" for topic in topics}
-        self._pairs: dict[str, tuple[int, int]] = {}
+        self.at = Positions.start(tuple(topics))
         self._max_packets, self._max_bytes = bounds
-        self._queue: deque[bytes] = deque()
+        # Bytes for the response's greenlet: event text until the headers are
+        # out, then what goes on the wire as it is (chunks, a chunk's rest).
+        self._queue: deque[bytes | memoryview] = deque()
+        self._events = 0  # events queued, for the TIDINGS_CLIENT_QUEUE_PACKETS bound
         self._bytes = 0
         self._wake = threading.Event()
         # True while the response's greenlet writes an earlier chunk (maybe
@@ -137,51 +319,81 @@ class Stream:
         # up a backlog. While it waits for work, a whole burst queued in one
         # turn goes out on its next run.
         self._writing = False
+        # gevent pywsgi's handler of the response, until the stream takes its socket.
+        self.handler: Any = None
+        self._wire: Wire | None = None
+        self.sent_at = time.monotonic()  # when bytes last went out (keep-alive)
         self.closed = False
         self.cut = False
 
     def move(self, topic: str, offset: str | None) -> None:
         """Set the stream's position in `topic` (no event)."""
-        self.positions[topic] = encode_position(offset)
-        pair = parse_offset(offset)
-        if pair is not None:
-            self._pairs[topic] = pair
+        index = self.topics.index(topic)
+        self.at = self.at.moved(index, encode_position(offset), parse_offset(offset))
 
     def offset(self, topic: str) -> str | None:
         """Return the offset the stream is at in `topic`; None if it saw the topic empty."""
-        pair = self._pairs.get(topic)
+        pair = self.at.pairs[self.topics.index(topic)]
         return None if pair is None or pair == (0, 0) else f"{pair[0]}-{pair[1]}"
 
     def event_id(self) -> bytes:
         """Return the `id:` line of the stream's current positions."""
-        body = ",".join(self.positions[topic] for topic in self.topics)
-        return f"id: {ID_VERSION}:{body}\n".encode()
+        return self.at.id_line
 
     def send(self, topic: str, events: list[tuple[tuple[int, int], str, bytes]]) -> int:
         """Queue the events newer than the stream's position in `topic`; return how many."""
-        after = self._pairs.get(topic)
-        sent = 0
-        for pair, offset, text in events:
-            if after is not None and pair <= after:
-                continue  # the stream has it already (a recovery overlapped the live stream)
-            after = pair
-            self.positions[topic] = encode_position(offset)
-            self.write(self.event_id() + text)
-            sent += 1
-        if after is not None:
-            self._pairs[topic] = after
-        return sent
+        return self.deliver(Outgoing(topic, events))
 
-    def write(self, chunk: bytes) -> None:
-        """Queue bytes for the client; a backlog over the bounds cuts the stream."""
+    def deliver(self, outgoing: Outgoing) -> int:
+        """Send or queue what the stream has not had of a message; return how many events."""
+        at = self.at
+        step = outgoing.steps.get(at) or outgoing.step(at)
+        if not step[3] or self.closed:
+            return 0
+        self.at = step[0]
+        wire = self._wire
+        if wire is not None and not self._writing and not self._queue:
+            expires = self.grant.expires_at
+            if expires is None or expires > outgoing.now:
+                # Nothing in flight: the chunk cannot overtake anything.
+                self._send_now(wire, step[2], step[3], outgoing.clock)
+                return step[3]
+            # Expired: the response's greenlet sends it, then `token_expired`.
+        self.write(step[1], step[2], step[3])
+        return step[3]
+
+    def _send_now(self, wire: Wire, data: bytes, events: int, clock: float) -> None:
+        try:
+            sent = wire.raw.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:  # the client is gone: end the response
+            log.debug("sid=%s: stream send failed (%s); closing it", self.sid, exc)
+            self.close()
+            return
+        wire.handler.response_length += sent
+        if sent:
+            self.sent_at = clock
+        if sent < len(data):
+            # The rest for the response's greenlet, which waits for the client.
+            rest = memoryview(data)[sent:]
+            self._queue.append(rest)
+            self._events += events
+            self._bytes += len(rest)
+            self._wake.set()
+
+    def write(self, text: bytes, chunked: bytes | None = None, events: int = 1) -> None:
+        """Queue `events` events' text for the client; a backlog over the bounds cuts the stream."""
         if self.closed:
             return
-        over = len(self._queue) >= self._max_packets or self._bytes + len(chunk) > self._max_bytes
+        over = (
+            self._events + events > self._max_packets or self._bytes + len(text) > self._max_bytes
+        )
         if self._writing and self._queue and over:
             log.warning(
                 "slow client cut: sid=%s had %d events / %d bytes queued (limits %d / %d)",
                 self.sid,
-                len(self._queue),
+                self._events,
                 self._bytes,
                 self._max_packets,
                 self._max_bytes,
@@ -190,8 +402,12 @@ class Stream:
             self.cut = True
             self.close()
             return
-        self._queue.append(chunk)
-        self._bytes += len(chunk)
+        if self._wire is not None:
+            self._queue.append(chunked or chunk(text))
+        else:
+            self._queue.append(text)
+        self._events += events
+        self._bytes += len(text)
         self._wake.set()
 
     def take(self, timeout: float) -> bytes | None:
@@ -202,16 +418,49 @@ class Stream:
         self._wake.clear()
         if not self._queue:
             return None
-        chunk = b"".join(self._queue)
+        data = b"".join(self._queue)
         self._queue.clear()
-        self._bytes = 0
+        self._events = self._bytes = 0
         self._writing = True  # until the caller asks again: it is writing this
-        return chunk
+        return data
+
+    def writing(self) -> None:
+        """Say that the response's greenlet writes something of its own (keep-alive, end)."""
+        self._writing = True
+
+    def frame(self, text: bytes) -> bytes:
+        """Return `text` as the response's greenlet sends it: a chunk once it writes the socket."""
+        return text if self._wire is None else chunk(text)
+
+    def take_socket(self) -> Wire | None:
+        """Write the socket directly from here on, if the server allows (once the headers are out).
+
+        Only gevent pywsgi's chunked responses on a plain TCP socket: under
+        TLS the wire is not the socket's bytes, and without chunking the
+        framing is another.
+        """
+        handler, self.handler = self.handler, None
+        if handler is None or not handler.headers_sent or self.closed:
+            return None
+        with contextlib.suppress(OSError, AttributeError, ValueError):
+            _small_reader(handler)
+        if not handler.response_use_chunked or type(handler.socket) is not gevent_socket:
+            return None
+        self._wire = Wire(handler, handler.socket)
+        if self._queue:  # queued meanwhile, as text: one chunk
+            data = b"".join(self._queue)
+            self._queue.clear()
+            self._queue.append(chunk(data))
+        return self._wire
 
     def close(self) -> None:
         """End the stream: the response finishes after what is already queued."""
         self.closed = True
         self._wake.set()
+
+    def release(self) -> None:
+        """Let go of the server's handler and socket (the response has ended)."""
+        self.handler = self._wire = None
 
 
 def _error(status: int, error: str, detail: str) -> tuple[Response, int]:
@@ -305,7 +554,9 @@ def _open(
         presence.subscribed(sid, topic)
         metrics.subscription_changed(topic, 1)
     log.debug("sid=%s: stream of %s from %s", sid, ", ".join(topics), ip)
-    return Response(
+    return EventStreamResponse(
+        app,
+        stream,
         _events(app, stream, float(settings.sse_keepalive)),
         mimetype="text/event-stream",
         headers={
@@ -388,23 +639,76 @@ def _join(
     return None
 
 
+class EventStreamResponse(Response):
+    """A stream's response: tells the stream which gevent pywsgi handler serves it."""
+
+    def __init__(self, app: Flask, stream: Stream, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.app = app
+        self.stream = stream
+
+    def close(self) -> None:
+        """Close the body; a stream whose body never ran (a HEAD request's) is forgotten here."""
+        super().close()
+        # Closing a generator that never started skips its `finally`: the
+        # stream would stay subscribed, counted and queueing for good.
+        _closed(self.app, self.stream)
+
+    def __call__(self, environ: Any, start_response: Any) -> Any:
+        """Start the response; the server's handler is the one whose `start_response` this is."""
+        handler = getattr(start_response, "__self__", None)
+        if isinstance(handler, WSGIHandler):  # not behind a middleware's start_response
+            self.stream.handler = handler
+        return super().__call__(environ, start_response)
+
+
 def _events(app: Flask, stream: Stream, keepalive: float) -> Iterator[bytes]:
-    """The response body: queued events as they come, a comment when idle (keep-alive)."""
+    """The response body: queued events as they come, a comment when idle (keep-alive).
+
+    The server writes the first chunk (with the headers); from then on the
+    stream writes its socket itself when it can (`Stream.take_socket`). One
+    generator, no nested one: a parked stream's saved C stack stays small.
+    """
     try:
+        wire: Wire | None = None
+        wait = keepalive
         while True:
-            chunk = stream.take(keepalive)
+            sent_at = stream.sent_at
+            chunk = stream.take(wait)
+            wait = keepalive
+            if chunk is None and not stream.closed and not _expired(stream):
+                if stream.sent_at != sent_at:
+                    # Events went out directly meanwhile: idle only since the last.
+                    remaining = keepalive - (time.monotonic() - stream.sent_at)
+                    if remaining > 0:
+                        wait = remaining
+                        continue
+                stream.writing()
+                chunk = stream.frame(KEEPALIVE)
             if chunk is not None:
-                yield chunk
+                if wire is None:
+                    yield chunk
+                    wire = stream.take_socket()
+                else:
+                    wire.send(chunk)
+                stream.sent_at = time.monotonic()
             if stream.closed:
                 return
-            expires = stream.grant.expires_at
-            if expires is not None and expires <= time.time():
-                yield b'event: token_expired\ndata: {"grace":0}\n\n'
+            if _expired(stream):
+                stream.writing()
+                if wire is None:
+                    yield TOKEN_EXPIRED
+                else:
+                    wire.send(stream.frame(TOKEN_EXPIRED))
                 return
-            if chunk is None:
-                yield b": keep-alive\n\n"
     finally:
+        stream.release()
         _closed(app, stream)
+
+
+def _expired(stream: Stream) -> bool:
+    expires = stream.grant.expires_at
+    return expires is not None and expires <= time.time()
 
 
 def _closed(app: Flask, stream: Stream) -> None:
@@ -416,15 +720,8 @@ def _closed(app: Flask, stream: Stream) -> None:
     manager: QueueManager | None = app.extensions["tidings.queue"]
     if manager is not None:
         manager.detach_stream(stream)
-    connections = app.extensions["tidings.connections"]
-    connection = connections.by_sid.pop(stream.sid, None)
+    app.extensions["tidings.connections"].forget(stream.sid)
     app.extensions["tidings.presence"].disconnected(stream.sid)
-    if connection is not None:
-        for topic in connection.grant.topics:
-            metrics.subscription_changed(topic, -1)
-        connections.per_ip[connection.ip] -= 1
-        if connections.per_ip[connection.ip] <= 0:
-            del connections.per_ip[connection.ip]
 
 
 def close_stream(app: Flask, sid: str) -> bool:
@@ -440,7 +737,7 @@ def drop_topic(app: Flask, sid: str, topic: str) -> bool:
     """Stop sending a topic on a stream (operator unsubscribe); tell the client."""
     stream = app.extensions["tidings.sse"].get(sid)
     manager = app.extensions["tidings.queue"]
-    if stream is None or topic not in stream.positions or manager is None:
+    if stream is None or topic not in stream.topics or manager is None:
         return False
     manager.detach_stream(stream, topics=[topic])
     connection = app.extensions["tidings.connections"].by_sid.get(sid)

@@ -237,3 +237,26 @@ def test_presence_counts_streams_and_the_server_api_closes_them(sse_stack: Stack
         wait_for(lambda: present().get("clients") == 0, timeout=5)
     finally:
         stream.close()
+
+
+def test_a_head_request_leaves_no_stream_open(sse_stack: Stack) -> None:
+    topic = "public.sse.presence.head"
+    url = sse_stack.url + f"/sse?topic={topic}"
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+
+    def clients() -> int | None:
+        answer = requests.get(sse_stack.url + f"/api/presence/{topic}", headers=auth, timeout=5)
+        return answer.json().get("clients") if answer.status_code == 200 else None
+
+    head = requests.head(url, timeout=5)
+    assert head.status_code == 200
+    assert head.headers["Content-Type"].startswith("text/event-stream")
+    stream = Curl(url)
+    try:
+        wait_for(lambda: stream.named("subscribed"), timeout=10)
+        # The stream alone: the HEAD request's body never ran, and its
+        # stream was forgotten when the response closed.
+        wait_for(lambda: clients() == 1, timeout=5)
+    finally:
+        stream.close()
+    wait_for(lambda: clients() == 0, timeout=5)
