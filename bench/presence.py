@@ -34,7 +34,6 @@ import json
 import os
 import shlex
 import statistics
-import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -49,9 +48,9 @@ import socketio
 
 from bench.measure import cpu_seconds
 from bench.report import RESULTS, record_separate
-from bench.systems import PEERS, node_binary
+from bench.systems import PEERS, export, node_binary
 from tests.presence_support import API_KEY, SECRET, token
-from tests.support import ROOT, VENV_BIN, Proc, RedisServer, Stack, wait_for
+from tests.support import VENV_BIN, Proc, RedisServer, Stack, wait_for
 
 TOPICS = [f"room.{i}" for i in range(50)]
 TABS = 4
@@ -136,16 +135,6 @@ class ExportedStack(Stack):
         if wait:
             wait_for(self.serves, timeout=30)
         return self.web
-
-
-def export(commit: str, directory: Path) -> Path:
-    """Export a commit's tree into `directory`."""
-    directory.mkdir(parents=True)
-    archive = subprocess.run(
-        ["git", "archive", commit], cwd=ROOT, capture_output=True, check=True
-    ).stdout
-    subprocess.run(["tar", "-x", "-C", str(directory)], input=archive, check=True)
-    return directory
 
 
 @contextmanager

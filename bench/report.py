@@ -1,4 +1,4 @@
-"""The results table (terminal and Markdown), the machine, the targets of issues 7 and 13."""
+"""The results table (terminal and Markdown), the machine, the targets of issues 7, 13, 16."""
 
 from __future__ import annotations
 
@@ -186,8 +186,8 @@ def _cpu_target(
 
 
 def targets(rows: list[Row]) -> list[tuple[str, str, str]]:
-    """Issues 7 and 13's targets: (target, measured, verdict) for each Tidings configuration."""
-    return issue7_targets(rows) + issue13_targets(rows)
+    """Issues 7, 13 and 16's targets: (target, measured, verdict) for each Tidings configuration."""
+    return issue7_targets(rows) + issue13_targets(rows) + issue16_targets(rows)
 
 
 def issue7_targets(rows: list[Row]) -> list[tuple[str, str, str]]:
@@ -262,6 +262,110 @@ def issue7_targets(rows: list[Row]) -> list[tuple[str, str, str]]:
                 )
             )
     return out
+
+
+# -- issue 16: the connection layer ---------------------------------------------------------
+
+# KB of web-worker memory per idle connection, and seconds to connect 10,000.
+CONNECTION_KB = 12.0
+CONNECT_SECONDS = 10.0
+# "No worse than the code before": a ratio to a `tidings-1w@<commit>` row of
+# the same run at most this. Runs of one system on this shared machine
+# differ by up to ~10% (RESULTS.md's burst runs), so a band, said as such.
+NO_WORSE = 1.1
+
+
+def issue16_targets(rows: list[Row]) -> list[tuple[str, str, str]]:
+    """Issue 16's targets for tidings-1w: idle memory and connect time; no worse than a baseline."""
+    out: list[tuple[str, str, str]] = []
+    mine = _find(rows, "connections", "tidings-1w")
+    if mine is not None:
+        node = _find(rows, "connections", "node")
+        kb = mine.kb_per_connection
+        secs = mine.connect_s
+        versus = ""
+        if node is not None and node.kb_per_connection and kb is not None:
+            versus = f" (node {node.kb_per_connection:.1f} KB: {kb / node.kb_per_connection:.2f}x)"
+        ok = (
+            kb is not None
+            and secs is not None
+            and kb <= CONNECTION_KB
+            and secs <= CONNECT_SECONDS
+            and mine.delivered == mine.clients
+        )
+        out.append(
+            (
+                f"{mine.clients:,} idle websockets <= {CONNECTION_KB:g} KB each, connected <= "
+                f"{CONNECT_SECONDS:g} s (tidings-1w)",
+                ("-" if kb is None else f"{kb:.1f} KB") + versus + ", "
+                f"{'-' if secs is None else f'{secs:.1f} s'}, {mine.delivered:,} reached",
+                verdict(ok),
+            )
+        )
+    baselines = sorted({r.system for r in rows if r.system.startswith("tidings-1w@")})
+    for base in baselines:
+        before = _find(rows, "connections", base)
+        if (
+            mine is not None
+            and before is not None
+            and before.connect_cpu_ms
+            and mine.connect_cpu_ms is not None
+        ):
+            ratio = mine.connect_cpu_ms / before.connect_cpu_ms
+            out.append(
+                (
+                    f"server CPU per connection at connect <= {base}'s "
+                    f"(x{NO_WORSE:g}: the machine's noise)",
+                    f"{mine.connect_cpu_ms:.2f} ms vs {before.connect_cpu_ms:.2f} ms: "
+                    f"{ratio:.2f}x; KB/connection {before.kb_per_connection or 0:.1f} before",
+                    verdict(ratio <= NO_WORSE),
+                )
+            )
+        for workload in ("sustained", "light", "burst"):
+            now, then = _find(rows, workload, "tidings-1w"), _find(rows, workload, base)
+            if not (now and then):
+                continue
+            out += _cpu_target(
+                f"CPU/delivery <= {base}'s x{NO_WORSE:g}, {workload} (tidings-1w)",
+                now,
+                then,
+                NO_WORSE,
+            )
+            if workload == "burst" and now.deliveries_per_s and then.deliveries_per_s:
+                ratio = now.deliveries_per_s / then.deliveries_per_s
+                out.append(
+                    (
+                        f"burst deliveries/s >= {base}'s /{NO_WORSE:g} (tidings-1w)",
+                        f"{now.deliveries_per_s:,.0f} vs {then.deliveries_per_s:,.0f}: "
+                        f"{ratio:.2f}x",
+                        verdict(ratio * NO_WORSE >= 1),
+                    )
+                )
+            if now.p99_ms is not None and then.p99_ms:
+                ratio = now.p99_ms / then.p99_ms
+                out.append(
+                    (
+                        f"p99 <= {base}'s x{NO_WORSE:g}, {workload} (tidings-1w)",
+                        f"{now.p99_ms:.1f} ms vs {then.p99_ms:.1f} ms: {ratio:.2f}x",
+                        verdict(ratio <= NO_WORSE and now.lost == 0),
+                    )
+                )
+    return out
+
+
+def _issue16_section(rows: list[Row]) -> list[str]:
+    """Issue 16's targets as a Markdown section (none without a tidings-1w connections row)."""
+    found = issue16_targets(rows)
+    if not found:
+        return []
+    return [
+        "## Targets (issue 16: the connection layer)",
+        "",
+        "| target | measured | verdict |",
+        "|---|---|---|",
+        *[f"| {t} | {m} | {v} |" for t, m, v in found],
+        "",
+    ]
 
 
 # -- issue 13: own topics, fast bursts, scale-out -------------------------------------------
@@ -688,8 +792,9 @@ def markdown(
         "",
         "| target | measured | verdict |",
         "|---|---|---|",
-        *[f"| {t} | {m} | {v} |" for t, m, v in targets(rows)],
+        *[f"| {t} | {m} | {v} |" for t, m, v in issue7_targets(rows) + issue13_targets(rows)],
         "",
+        *_issue16_section(rows),
         "Where the time goes for each missed target, measured with py-spy, and the "
         "changes that would close the gap: [PROFILE.md](PROFILE.md) (written by hand; "
         "it names the revision it profiled).",

@@ -2,6 +2,8 @@
 
 - `tidings-1w` / `tidings-2w`: Tidings as shipped, `gunicorn -c gunicorn.conf.py`
   (WEB_CONCURRENCY 1 or 2) and `celery -A tasks worker`;
+- `tidings-1w@<commit>`: the same, running another commit's code (exported with
+  `git archive`), to compare a change with the code before it in one run;
 - `naive`: `examples/naive_thread/` under its own gunicorn.conf.py, one worker;
 - `node`: `bench/peers/server.js` (socket.io 4, @socket.io/redis-adapter) and
   `bench/peers/bridge.js` (psubscribe, @socket.io/redis-emitter);
@@ -15,6 +17,7 @@ channels, so one load generator and one publisher drive them all.
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -216,13 +219,27 @@ def _children(pid: int) -> list[int]:
         return []
 
 
+def export(commit: str, directory: Path) -> Path:
+    """Export a commit's tree into `directory` (which must not exist yet)."""
+    directory.mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "archive", commit], cwd=ROOT, capture_output=True, check=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(directory)], input=archive, check=True)
+    return directory
+
+
 class Tidings(System):
     """Tidings as shipped: gunicorn -c gunicorn.conf.py and celery -A tasks worker."""
 
     durable = True
 
     def __init__(
-        self, directory: Path, workers: int = 1, env: dict[str, str] | None = None
+        self,
+        directory: Path,
+        workers: int = 1,
+        env: dict[str, str] | None = None,
+        commit: str | None = None,
     ) -> None:
         super().__init__(directory)
         self.workers = workers
@@ -233,6 +250,26 @@ class Tidings(System):
             f"Tidings: `gunicorn -c gunicorn.conf.py` (WEB_CONCURRENCY={workers}) "
             "+ `celery -A tasks worker`"
         )
+        # Another commit's code, run from its exported tree (same virtualenv).
+        self.source: Path | None = None
+        if commit is not None:
+            revision = subprocess.run(
+                ["git", "rev-parse", "--short", commit],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
+            self.source = export(commit, directory / "src")
+            self.name += f"@{commit}"
+            self.description += f", the code of {commit} ({revision})"
+
+    def _command(self, *args: str) -> list[str]:
+        if self.source is None:
+            return list(args)
+        # exec: the process started is gunicorn (or celery) itself, as measured.
+        line = " ".join(shlex.quote(a) for a in args)
+        return ["sh", "-c", f"cd {shlex.quote(str(self.source))} && exec {line}"]
 
     def _start_processes(self) -> None:
         env = {
@@ -243,8 +280,8 @@ class Tidings(System):
             "TIDINGS_MAX_CONNECTIONS_PER_IP": "1000000",
             **self.env,
         }
-        self._spawn("web", [str(VENV_BIN / "gunicorn"), "-c", "gunicorn.conf.py"], env)
-        self._spawn("worker", [str(VENV_BIN / "celery"), "-A", "tasks", "worker"], env)
+        self._spawn("web", self._command(str(VENV_BIN / "gunicorn"), "-c", "gunicorn.conf.py"), env)
+        self._spawn("worker", self._command(str(VENV_BIN / "celery"), "-A", "tasks", "worker"), env)
 
     def ready(self) -> bool:
         return self._get("/readyz") == 200 and self._subscribers("tidings:socketio") >= self.workers
@@ -340,10 +377,11 @@ class NodePeer(System):
 
 
 def make(name: str, directory: Path) -> System:
-    """Build a system by its name (`tidings-<N>w` for N web workers)."""
-    workers = name.removeprefix("tidings-").removesuffix("w")
-    if name.startswith("tidings-") and workers.isdigit() and int(workers) > 0:
-        return Tidings(directory / name, workers=int(workers))
+    """Build a system by its name (`tidings-<N>w` for N web workers, `@<commit>` for its code)."""
+    base, _, commit = name.partition("@")
+    workers = base.removeprefix("tidings-").removesuffix("w")
+    if base.startswith("tidings-") and workers.isdigit() and int(workers) > 0:
+        return Tidings(directory / name, workers=int(workers), commit=commit or None)
     if name == "naive":
         return Naive(directory / name)
     if name == "node":

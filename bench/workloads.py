@@ -48,6 +48,10 @@ class Sizes:
     connections: int = 10000
     connections_hold: float = 60
     connections_processes: int = 4
+    # The systems' clients come from 127.0.0.<this>, <this + 1>, ...: about
+    # 28,000 ports each, which TIME_WAIT holds for a minute after a run (pick
+    # others for runs in quick succession, or beside another benchmark).
+    connections_first_address: int = 10
     # The same two over SSE streams (`GET /sse`) instead of websockets, Tidings with one web worker.
     sse_sustained_clients: int = 1000
     sse_connections: int = 10000
@@ -128,6 +132,8 @@ class Row:
     generator_us_per_delivery: float | None = None
     connect_s: float | None = None
     kb_per_connection: float | None = None
+    # Server CPU (every server process) per connection while the clients connected.
+    connect_cpu_ms: float | None = None
     # Publications per second offered, for paced rows of issue 13.
     rate: float | None = None
     # Per web worker (Tidings' stats hashes): pid, and summed over the runs its
@@ -644,6 +650,7 @@ class HeldConnections:
         row.p99_ms = delivery.percentile(0.99)
         row.max_ms = max(delivery.latencies) if delivery.latencies else None
         row.kb_per_connection = (self.sampler.peak - self.baseline) / clients / 1024
+        row.connect_cpu_ms = self.connect_cpu / clients * 1e3
         keepalives = f", {stat['keepalives']:,.0f} keep-alives" if self.transport == "sse" else ""
         row.notes.append(
             f"held {held:.0f}s, {stat['open']:.0f} open at the end{keepalives}; "
@@ -682,7 +689,12 @@ def connections(ctx: Context, systems: list[System], *, sse: bool = False) -> li
     warm: Generators | None = None
     try:
         held = [
-            HeldConnections(ctx, system, f"127.0.0.{10 + index}", clients=s.connections)
+            HeldConnections(
+                ctx,
+                system,
+                f"127.0.0.{s.connections_first_address + index}",
+                clients=s.connections,
+            )
             for index, system in enumerate(systems)
         ]
         for item in held:
@@ -705,7 +717,7 @@ def connections(ctx: Context, systems: list[System], *, sse: bool = False) -> li
             item = HeldConnections(
                 ctx,
                 fresh,
-                f"127.0.0.{10 + len(systems)}",
+                f"127.0.0.{s.connections_first_address + len(systems)}",
                 clients=s.sse_connections,
                 transport="sse",
             )

@@ -292,9 +292,13 @@ class Stack:
             [(topic, data)], durable=durable, client=self._redis, settings=self.settings
         )[0]
 
-    def publish_many(self, items: list[tuple[str, Any]], durable: bool = True) -> list:
-        """Publish many publications in one round trip."""
-        return publish_many(items, durable=durable, client=self._redis, settings=self.settings)
+    def publish_many(
+        self, items: list[tuple[str, Any]], durable: bool = True, wait: bool = False
+    ) -> list:
+        """Publish many publications in one round trip (`wait`: until forwarded to history)."""
+        return publish_many(
+            items, durable=durable, wait=wait, client=self._redis, settings=self.settings
+        )
 
     def redis(self) -> redis.Redis:
         """Return a client of the data database."""

@@ -1,11 +1,18 @@
-"""Bounded outgoing queues: a client that cannot keep up is cut, not buffered forever.
+"""Bounded outgoing backlogs: a client that cannot keep up is cut, not buffered forever.
 
-python-engineio gives every connection an unbounded queue that its writer
-drains; a client that stops reading (a stalled tab, a dead network path)
-blocks its writer in `send()` while publications pile up in the worker's
-memory. Here each queue counts its packets and bytes, and a connection over
-either bound is closed with a logged reason. The client reconnects and
-recovers what it missed from history, so being cut loses it nothing.
+python-engineio gives every connection an unbounded queue; a client that
+stops reading (a stalled tab, a dead network path) would let publications
+pile up in the worker's memory. Here every connection's backlog counts its
+packets and bytes, and a connection over either bound is closed with a
+logged reason. The client reconnects and recovers what it missed from
+history, so being cut loses it nothing.
+
+Two backlogs are bounded by the same rule (`Bounds`): an upgraded
+websocket's frames that the kernel has not taken yet (`webapp.transport`,
+through `webapp.websockets`), and engine.io's queue of every other
+connection (long-polling, an upgrade under way, a websocket served by
+engine.io's own greenlets under TLS), which `install` replaces with a
+counting one.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
+import os
 import socket
 import struct
 import termios
@@ -24,60 +32,42 @@ import engineio.socket
 from engineio import packet
 
 from tidings import metrics
-from webapp import fanout
+from webapp import websockets
+from webapp.transport import CLOSED
+from webapp.websockets import is_reply
 
 log = logging.getLogger("tidings.backpressure")
 
-_record_ws_installed = False
+
+class Bounds:
+    """TIDINGS_CLIENT_QUEUE_PACKETS and TIDINGS_CLIENT_QUEUE_BYTES, and how a backlog meets them."""
+
+    __slots__ = ("max_bytes", "max_packets")
+
+    def __init__(self, max_packets: int, max_bytes: int) -> None:
+        self.max_packets = max_packets
+        self.max_bytes = max_bytes
+
+    def admits(self, packets: int, held: int, replies: int, size: int, reply: bool) -> bool:
+        """Tell whether an item of `size` bytes may join `packets` items of `held` bytes.
+
+        `replies` of the held bytes are Socket.IO acks. One reply at a time
+        is let through whatever its size: a client that reconnects far
+        behind gets its whole recovery in one `subscribe` ack while live
+        publications queue behind it; measured with them, it would be cut at
+        every reconnect and never catch up. A second reply while one waits
+        is measured. Live traffic is measured without the reply in flight.
+        """
+        counted = (held if replies else 0) if reply else held - replies
+        # One packet always goes through, whatever its size: only a backlog is slow.
+        return packets < self.max_packets and not (
+            packets and counted and counted + size > self.max_bytes
+        )
 
 
 def _packet_size(item: Any) -> int:
     data = getattr(item, "data", None)
     return len(data) if isinstance(data, (str, bytes, memoryview)) else 0
-
-
-def _is_reply(item: Any) -> bool:
-    """Tell a Socket.IO ack (type 3: a `subscribe` answer, with its recovery) from the rest."""
-    data = getattr(item, "data", None)
-    return getattr(item, "packet_type", None) == packet.MESSAGE and (
-        isinstance(data, str) and data[:1] == "3"
-    )
-
-
-def _record_websockets() -> None:
-    """Make engine.io sockets keep their websocket's socket and count oversized messages.
-
-    The socket is looked up once, at upgrade, for `abort_connection` and for
-    `fanout`'s direct writes, which need it per recipient per emit.
-    """
-    global _record_ws_installed
-    if _record_ws_installed:
-        return
-    original = engineio.socket.Socket._websocket_handler
-
-    def recording_handler(self: engineio.socket.Socket, ws: Any) -> Any:
-        self.tidings_socket = fanout.handler_socket(ws)
-        fanout.attach(self, ws, self.tidings_socket)
-        wait = ws.wait
-        limit = self.server.max_http_buffer_size
-
-        def counted_wait() -> Any:
-            # engine.io closes the connection on an oversized message; count it.
-            data = wait()
-            if data and len(data) > limit:
-                metrics.limit_hit("message_size")
-            return data
-
-        ws.wait = counted_wait
-        try:
-            return original(self, ws)
-        finally:
-            # The handler has closed the websocket: nothing may write to it directly now.
-            fanout.detach(self)
-            self.tidings_socket = None
-
-    engineio.socket.Socket._websocket_handler = recording_handler
-    _record_ws_installed = True
 
 
 # SO_LINGER on, zero seconds: close() sends RST and drops unsent data.
@@ -97,17 +87,33 @@ def abort_connection(eio: Any, eio_sid: str) -> int | None:
     sock = eio.sockets.get(eio_sid)
     if sock is None:
         return None
-    raw = getattr(sock, "tidings_socket", None)
+    return _abort(eio, sock)
+
+
+def _abort(eio: Any, sock: engineio.socket.Socket) -> int | None:
+    """`abort_connection` of one engine.io socket; the bytes the kernel still held, if known."""
+    transport = websockets.transport_of(sock)
+    if transport is None:
+        raw = getattr(sock, "tidings_socket", None)  # engine.io's own websocket (TLS)
+        sock.close(wait=False, abort=True, reason=eio.reason.SERVER_DISCONNECT)
+        return _sever(raw, sock.sid) if raw is not None else None
+    # The kernel's part first: once the transport is closed its descriptor is gone.
+    unsent = _sever(transport.sock, sock.sid) if transport.state != CLOSED else None
+    transport.abort()  # no close frame: the connection just ends
     sock.close(wait=False, abort=True, reason=eio.reason.SERVER_DISCONNECT)
-    if raw is None:
-        return None
+    return unsent
+
+
+def _sever(raw: Any, sid: str) -> int | None:
+    """End a connection after what the kernel holds for it (reset if unread); return that."""
     try:
         unsent: int | None = unsent_bytes(raw)
     except OSError:
         unsent = None
-    reset_if_undrained(raw, DRAIN_SECONDS, eio_sid)
-    # A writer blocked in send() on a full TCP buffer wakes only when the
-    # socket is shut down.
+    reset_if_undrained(raw, DRAIN_SECONDS, sid)
+    # The FIN goes out behind that data (a duplicate descriptor keeps the
+    # socket open past our close); a writer blocked in send() on a full TCP
+    # buffer (engine.io's, under TLS) wakes only when the socket is shut down.
     with contextlib.suppress(OSError):
         raw.shutdown(socket.SHUT_RDWR)
     return unsent
@@ -125,7 +131,8 @@ def reset_if_undrained(raw: socket.socket, seconds: float, sid: str = "") -> Non
     until then, whenever the handler closes its own.
     """
     try:
-        held = raw.dup()
+        # Through os.dup: a handed-over websocket's socket is a bare _socket.socket.
+        held = socket.socket(fileno=os.dup(raw.fileno()))
     except OSError:
         return
 
@@ -153,9 +160,10 @@ def install(
     max_packets: int,
     max_bytes: int,
     on_cut: Callable[[str], None] = lambda sid: None,
-) -> None:
-    """Bound every connection's outgoing queue of a python-socketio `server`."""
+) -> Bounds:
+    """Bound every connection's backlog of a python-socketio `server`; serve its websockets."""
     eio = server.eio
+    bounds = Bounds(max_packets, max_bytes)
     base = type(eio.create_queue())
 
     class MeteredQueue(base):  # type: ignore[misc, valid-type]
@@ -166,28 +174,12 @@ def install(
             # Of which acks: a recovery can be far larger than the live bound.
             self.reply_bytes = 0
             self.cut = False
-            # Greenlets blocked in `get`: on an upgraded connection, only its
-            # writer. `fanout` writes directly while the writer waits here on
-            # an empty queue. Counted here rather than by wrapping engine.io's
-            # `Socket.poll`: this is the exact moment the writer holds nothing,
-            # it needs no monkeypatch, and gevent's compiled queue does not
-            # expose its getters.
-            self.waiting = 0
             super().__init__(*args, **kwargs)
-
-        def get(self, block: bool = True, timeout: float | None = None) -> Any:
-            if not block:
-                return super().get(False)
-            self.waiting += 1
-            try:
-                return super().get(True, timeout)
-            finally:
-                self.waiting -= 1
 
         def _put(self, item: Any) -> None:
             size = _packet_size(item)
             self.pending_bytes += size
-            if _is_reply(item):
+            if is_reply(item):
                 self.reply_bytes += size
             super()._put(item)
 
@@ -195,18 +187,17 @@ def install(
             item = super()._get()
             size = _packet_size(item)
             self.pending_bytes -= size
-            if _is_reply(item):
+            if is_reply(item):
                 self.reply_bytes -= size
             return item
 
     eio.create_queue = MeteredQueue
-    _record_websockets()
     send_packet = eio.send_packet
 
     def cut(sock: engineio.socket.Socket, packets: int, size: int) -> None:
         metrics.slow_client_cut()
         on_cut(sock.sid)
-        unsent = abort_connection(eio, sock.sid)
+        unsent = _abort(eio, sock)
         log.warning(
             "slow client cut: sid=%s had %d packets / %d bytes queued (limits %d / %d),"
             " %s bytes more in the kernel",
@@ -218,30 +209,25 @@ def install(
             "?" if unsent is None else unsent,
         )
 
+    def cut_later(sock: engineio.socket.Socket, packets: int, size: int) -> None:
+        # Not inline: this runs inside an emit loop over a room, or in the hub.
+        eio.start_background_task(cut, sock, packets, size)
+
     def bounded_send_packet(sid: str, pkt: packet.Packet) -> None:
         sock = eio.sockets.get(sid)
         queue = getattr(sock, "queue", None)
         if isinstance(queue, MeteredQueue) and pkt.packet_type == packet.MESSAGE:
             if queue.cut:
                 return
-            backlog = queue.qsize()
             size = _packet_size(pkt)
-            if _is_reply(pkt):
-                # One reply at a time is let through whatever its size: a
-                # client that reconnects far behind gets its whole recovery in
-                # one `subscribe` ack while live publications queue behind it;
-                # measured with them, it would be cut at every reconnect and
-                # never catch up. A second reply while one waits is measured.
-                held = queue.pending_bytes if queue.reply_bytes else 0
-            else:
-                # Live traffic is measured without the reply in flight.
-                held = queue.pending_bytes - queue.reply_bytes
-            # One packet always goes through, whatever its size: only a backlog is slow.
-            if backlog >= max_packets or (backlog and held and held + size > max_bytes):
+            if not bounds.admits(
+                queue.qsize(), queue.pending_bytes, queue.reply_bytes, size, is_reply(pkt)
+            ):
                 queue.cut = True
-                # Not inline: this runs inside an emit loop over the room.
-                eio.start_background_task(cut, sock, queue.qsize(), queue.pending_bytes)
+                cut_later(sock, queue.qsize(), queue.pending_bytes)
                 return
         send_packet(sid, pkt)
 
     eio.send_packet = bounded_send_packet
+    websockets.install(server, bounds=bounds, on_cut=cut_later)
+    return bounds

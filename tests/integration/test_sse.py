@@ -86,7 +86,9 @@ def sse_stack(make_stack: Callable[..., Stack]) -> Stack:
 
 def test_a_stream_carries_its_topics_and_resumes_from_last_event_id(sse_stack: Stack) -> None:
     url = sse_stack.url + "/sse?topic=public.sse.a&topic=public.sse.b"
-    sse_stack.publish("public.sse.a", {"n": 0})
+    # Forwarded before the stream opens (the listener writes history
+    # asynchronously): the stream starts after it.
+    sse_stack.publish_many([("public.sse.a", {"n": 0})], wait=True)
     head = requests.get(url, stream=True, timeout=5)
     assert head.status_code == 200
     assert head.headers["Content-Type"].startswith("text/event-stream")
@@ -127,7 +129,9 @@ def test_a_stream_carries_its_topics_and_resumes_from_last_event_id(sse_stack: S
     finally:
         again.close()
     # Away longer than history keeps: the gap is said, per topic.
-    sse_stack.publish_many([("public.sse.a", {"n": n}) for n in range(3, 40)])
+    # Forwarded before the stream resumes: the listener writes history
+    # asynchronously, and a resume that beats it finds no gap yet.
+    sse_stack.publish_many([("public.sse.a", {"n": n}) for n in range(3, 40)], wait=True)
     gap = Curl(url, f"Last-Event-ID: {ids[-1]}")
     try:
         (recovered,) = wait_for(lambda: gap.named("recovered"), timeout=10)

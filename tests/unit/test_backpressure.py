@@ -12,7 +12,8 @@ import socketio
 from engineio import packet
 
 from tests.support import wait_for
-from webapp import backpressure, fanout
+from webapp import backpressure
+from webapp.backpressure import Bounds
 
 MAX_BYTES = 1000
 
@@ -85,12 +86,24 @@ def test_a_drained_queue_forgets_what_it_held() -> None:
     assert cuts == [] and sock.queue.qsize() == 1
 
 
-def test_the_rest_of_a_direct_write_counts_against_the_bounds() -> None:
-    server, sock, cuts = stalled()
-    sock.queue.put(fanout.Preframed(b"x" * 900))  # a frame the kernel took only in part
-    assert sock.queue.pending_bytes == 900 and sock.queue.reply_bytes == 0
-    server.eio.send_packet("sid1", event(400))
-    wait_for(lambda: cuts == ["sid1"])
+@pytest.mark.parametrize(
+    ("packets", "held", "replies", "size", "reply", "admitted"),
+    [
+        (0, 0, 0, 50 * MAX_BYTES, False, True),  # one packet always goes through
+        (1, 900, 0, 100, False, True),
+        (1, 900, 0, 101, False, False),
+        (1, 400, 0, 50 * MAX_BYTES, True, True),  # the one reply in flight
+        (2, 400 + 50 * MAX_BYTES, 50 * MAX_BYTES, 400, False, True),  # live, without it
+        (2, 400 + 5 * MAX_BYTES, 5 * MAX_BYTES, 5 * MAX_BYTES, True, False),  # a second
+        (99, 0, 0, 1, False, True),
+        (100, 0, 0, 1, False, False),  # the packet bound
+    ],
+)
+def test_websocket_backlogs_are_measured_by_the_same_rule(
+    packets: int, held: int, replies: int, size: int, reply: bool, admitted: bool
+) -> None:
+    # `webapp.transport` asks `Bounds` with its backlog's numbers, as the queue path does.
+    assert Bounds(100, MAX_BYTES).admits(packets, held, replies, size, reply) is admitted
 
 
 def _connected_pair(rcvbuf: int | None = None) -> tuple[socket.socket, socket.socket]:

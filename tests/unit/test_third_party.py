@@ -50,6 +50,7 @@ import engineio.socket
 import flask
 import flask_socketio
 import gevent
+import gevent.event
 import gevent.queue
 import gevent.socket
 import greenlet
@@ -282,8 +283,21 @@ SIGNATURES = [
     (
         "engineio.socket.Socket._websocket_handler",
         "self, ws",
-        "webapp/backpressure.py _record_websockets (wraps it on the class)",
-        "slow-client cuts at the transport and every direct write of webapp/fanout.py",
+        "webapp/websockets.py install (replaces it on the class with _serve, which calls the "
+        "original for a websocket it cannot take over)",
+        "every websocket: served by two greenlets each again (memory), or not at all",
+    ),
+    (
+        "engineio.socket.Socket.receive",
+        "self, pkt",
+        "webapp/websockets.py EngineWebSocket._receive (hands it every decoded packet)",
+        "every packet a websocket client sends",
+    ),
+    (
+        "engineio.Server.get_queue_empty_exception",
+        "self",
+        "webapp/websockets.py EngineWebSocket._adopt and get",
+        "an upgrade from long-polling would not take over what was queued for polling",
     ),
     (
         "engineio.socket.Socket.schedule_ping",
@@ -305,22 +319,59 @@ SIGNATURES = [
     ),
     (
         "engineio.packet.Packet.__init__",
-        "self, packet_type, data",
-        "webapp/fanout.py Preframed.__init__ (super().__init__(MESSAGE, frame)); "
+        "self, packet_type, data, encoded_packet",
+        "webapp/websockets.py _receive and _upgrade_step (Packet(encoded_packet=...)); "
         "webapp/queue.py, webapp/pings.py",
-        "every frame the fan-out prebuilds",
+        "every packet a websocket client sends; every packet the web tier builds",
     ),
     (
         "engineio.packet.Packet.encode",
         "self, b64",
-        "webapp/fanout.py Preframed.encode (overrides it to return the frame itself)",
-        "prebuilt frames would be framed again or fail in the writer",
+        "webapp/websockets.py _frame (str: a text frame, bytes: a binary one); "
+        "webapp/fanout.py deliver",
+        "every packet written to a websocket",
     ),
     (
         "geventwebsocket.handler.WebSocketHandler.upgrade_connection",
         "self",
         "webapp/worker.py SmallBufferWebSocketHandler.upgrade_connection",
-        "the 512-byte read buffer of upgraded connections",
+        "the deferred 101 answer; the 512-byte read buffer of other apps' websockets",
+    ),
+    *(
+        (
+            f"geventwebsocket.handler.WebSocketHandler.{name}",
+            "self",
+            "webapp/worker.py SmallBufferWebSocketHandler.run_application (re-implements "
+            "gevent-websocket's, calling these)",
+            "every websocket upgrade",
+        )
+        for name in ("run_application", "upgrade_websocket", "run_websocket")
+    ),
+    (
+        "gevent.pywsgi.WSGIHandler.write",
+        "self, data",
+        "webapp/worker.py SmallBufferWebSocketHandler._answer and detach_websocket (write(b'') "
+        "formats the 101 answer through self._sendall)",
+        "the 101 answer of every websocket",
+    ),
+    (
+        "gevent.pywsgi.WSGIHandler._sendall",
+        "self, data",
+        "webapp/worker.py SmallBufferWebSocketHandler.detach_websocket (an instance attribute "
+        "keeps the 101 answer instead of sending it)",
+        "the 101 answer and engine.io's OPEN packet in one send()",
+    ),
+    (
+        "gevent.pool.Group._discard",
+        "self, greenlet",
+        "webapp/worker.py KeepingPool._discard (keeps a detached handler's slot)",
+        "worker_connections would no longer bound a worker's websockets",
+    ),
+    (
+        "gevent.pool.Pool.free_count",
+        "self",
+        "webapp/worker.py KeepingPool.free_count (gunicorn's GeventWorker.run waits on it)",
+        "a stopping worker would not wait for its websockets; worker_connections unbounded",
     ),
     (
         "gevent.pywsgi.WSGIHandler.MessageClass",
@@ -739,7 +790,7 @@ def test_socketio_encodes_events_and_acks_as_tidings_builds_and_recognises_them(
     require(
         ack.startswith("3"),
         "python-socketio encodes an ACK with a leading '3'",
-        by="webapp/backpressure.py _is_reply",
+        by="webapp/websockets.py is_reply",
         breaks="a large subscribe recovery would be measured as live traffic and its client "
         "cut at every reconnect",
         found=ack,
@@ -807,8 +858,8 @@ def test_engineio_gevent_mode_keeps_gevent_websockets_websocket_as_ws_sock(
         gevent_eio._async["websocket"] is driver.WebSocketWSGI
         and driver.SimpleWebSocketWSGI is None,
         "python-engineio's gevent mode serves websockets through gevent-websocket",
-        by="webapp/fanout.py handler_socket and attach; webapp/backpressure.py",
-        breaks="no direct writes, no transport-level cuts (handler_socket finds no socket)",
+        by="webapp/websockets.py _serve (finds gevent-websocket's handler through the ws)",
+        breaks="every websocket would be served by engine.io's two greenlets again (memory)",
         found=gevent_eio._async["websocket"],
     )
     server_end, client_end = gevent.socket.socketpair()
@@ -818,11 +869,12 @@ def test_engineio_gevent_mode_keeps_gevent_websockets_websocket_as_ws_sock(
     driver.WebSocketWSGI(wrapped.append, gevent_eio)({"wsgi.websocket": websocket}, None)
     ws = wrapped[0]
     require(
-        getattr(ws, "_sock", None) is websocket and fanout.handler_socket(ws) is server_end,
+        getattr(ws, "_sock", None) is websocket and websocket.handler is handler,
         "python-engineio's gevent WebSocketWSGI keeps environ['wsgi.websocket'] as ws._sock, "
-        "whose .handler.socket is the connection",
-        by="webapp/fanout.py handler_socket and attach (ws._sock, .handler.socket)",
-        breaks="direct writes and transport-level cuts (abort_connection) silently off",
+        "whose .handler is gevent-websocket's handler of the connection",
+        by="webapp/websockets.py _serve (ws._sock.handler.detach_websocket(); under TLS "
+        "ws._sock.handler.socket for abort_connection)",
+        breaks="silently, every websocket served by engine.io's two greenlets again (memory)",
         found=vars(ws) if hasattr(ws, "__dict__") else ws,
     )
     for end in (server_end, client_end):
@@ -848,8 +900,9 @@ def test_engineio_socket_takes_its_queue_from_the_servers_create_queue(
         "python-engineio Server has sockets (by sid), ping_interval, ping_timeout, "
         "max_http_buffer_size, logger, create_event, sleep, start_background_task, "
         "reason.SERVER_DISCONNECT",
-        by="webapp/fanout.py deliver; webapp/pings.py PingLoop; webapp/backpressure.py",
-        breaks="fan-out, pings and slow-client cuts",
+        by="webapp/fanout.py deliver; webapp/pings.py PingLoop; webapp/backpressure.py; "
+        "webapp/websockets.py",
+        breaks="fan-out, pings, slow-client cuts and every websocket",
         found=server_missing,
     )
     gevent_eio.create_queue = Marked
@@ -866,9 +919,9 @@ def test_engineio_socket_takes_its_queue_from_the_servers_create_queue(
         not missing,
         "python-engineio Socket has queue, last_ping, upgraded, upgrading, connected, "
         "closing, closed, sid, server",
-        by="webapp/fanout.py Direct.write; webapp/pings.py ping and _schedule_ping; "
-        "webapp/backpressure.py",
-        breaks="direct writes, pings and slow-client cuts",
+        by="webapp/fanout.py deliver; webapp/pings.py ping and _schedule_ping; "
+        "webapp/backpressure.py; webapp/websockets.py EngineWebSocket",
+        breaks="fan-out, pings, slow-client cuts and every websocket",
         found=missing,
     )
     require(
@@ -876,72 +929,156 @@ def test_engineio_socket_takes_its_queue_from_the_servers_create_queue(
         "python-engineio Socket.__init__ makes its queue with server.create_queue() (an "
         "instance attribute set on the server is used)",
         by="webapp/backpressure.py install (eio.create_queue = MeteredQueue)",
-        breaks="slow clients would be buffered forever; fan-out would never write directly",
+        breaks="slow long-polling clients would be buffered forever",
         found=type(sock.queue),
     )
 
 
-def test_engineio_websocket_writer_parks_in_get_and_sends_each_packet_encoded(
+def test_engineio_websocket_handler_is_what_websockets_py_mirrors(
     gevent_eio: engineio.Server, eio_socket_class: type
 ) -> None:
-    gets: list[tuple[bool, Any]] = []  # (blocking, timeout) of each get the writer makes
-    inside: list[bool] = []  # True while a get is under way
-
-    class Recording(type(gevent_eio.create_queue())):  # type: ignore[misc]
-        def get(self, *args: Any, **kwargs: Any) -> Any:
-            blocking = kwargs.get("block", args[0] if args else True)
-            gets.append((blocking, kwargs.get("timeout", args[1] if len(args) > 1 else None)))
-            inside.append(True)
-            try:
-                return super().get(*args, **kwargs)
-            finally:
-                inside.pop()
-
-    gevent_eio.create_queue = Recording
-    sock = eio_socket_class(gevent_eio, "eio-writer")
-    gevent_eio.sockets["eio-writer"] = sock
+    reasons: list[Any] = []
+    gevent_eio.on("disconnect", lambda sid, reason: reasons.append(reason))
+    by = "webapp/websockets.py EngineWebSocket (__init__, _upgrade_step, _adopt, _gone)"
+    # An upgrade from long-polling: the probe, then UPGRADE.
+    sock = eio_socket_class(gevent_eio, "eio-upgrade")
+    gevent_eio.sockets["eio-upgrade"] = sock
+    sock.connected = True  # as after a long-polling handshake
     inbox: gevent.queue.Queue[Any] = gevent.queue.Queue()
     sent: list[Any] = []
     ws = SimpleNamespace(send=sent.append, wait=inbox.get, close=lambda: None)
     task = gevent.spawn(sock._websocket_handler, ws)
-
-    def parked() -> bool:
-        return bool(inside) and gets[-1][0] and not sock.queue.qsize()
-
-    by = "webapp/fanout.py (Direct.write, attach, Preframed); webapp/backpressure.py MeteredQueue"
-    parks = settle(parked)
-    sock.send(eio_packet.Packet(eio_packet.MESSAGE, "hello"))
-    frame = fanout.Preframed(memoryview(b"\x81\x03abc"))
-    sock.queue.put(frame)
-    settle(lambda: len(sent) == 2)
-    parks = parks and settle(parked)
+    inbox.put("2probe")
+    settle(lambda: sent)
+    queued = [item.packet_type for item in list(sock.queue.queue)]
+    require(
+        sent == ["3probe"] and sock.upgrading and queued == [eio_packet.NOOP],
+        "python-engineio answers an upgrade's PING probe with PONG probe, holds sends "
+        "(upgrading) and queues a NOOP that ends the pending poll",
+        by=by,
+        breaks="upgrades from long-polling: clients would wait for an answer that differs",
+        found={"sent": sent, "upgrading": sock.upgrading, "queued": queued},
+    )
+    inbox.put("5")
+    upgraded = settle(lambda: sock.upgraded and not sock.upgrading)
     inbox.put(None)  # the client goes away
     task.join(5)
     require(
-        parks and sock.upgraded and gets[0][0] and gets[0][1],
-        "python-engineio's websocket writer waits for packets in Socket.queue.get(block=True, "
-        "timeout=...) while it holds nothing",
+        upgraded and sent[1:] == ["6"] and sock.closed and reasons == ["transport close"],
+        "python-engineio completes an upgrade on UPGRADE (upgraded, not upgrading), then "
+        "writes what was queued (the NOOP), and closes the socket with reason TRANSPORT_CLOSE "
+        "(abort) when the client goes",
         by=by,
-        breaks="no direct writes at all (MeteredQueue.waiting stays 0), or direct writes "
-        "overtaking queued packets",
-        found=gets,
+        breaks="upgrades, or the disconnect reason the application sees",
+        found={"sent": sent, "closed": sock.closed, "reasons": reasons},
     )
+    # A websocket from the start.
+    fresh = eio_socket_class(gevent_eio, "eio-fresh")
+    gevent_eio.sockets["eio-fresh"] = fresh
+    inbox = gevent.queue.Queue()
+    ws = SimpleNamespace(send=sent.append, wait=inbox.get, close=lambda: None)
+    task = gevent.spawn(fresh._websocket_handler, ws)
+    settled = settle(lambda: fresh.upgraded)
+    inbox.put(None)
+    task.join(5)
     require(
-        task.successful() and sock.closed,
-        "python-engineio's websocket handler reads client frames with ws.wait() (None: the "
-        "client went away) and closes the socket",
-        by="webapp/backpressure.py _record_websockets (counted_wait replaces ws.wait)",
-        breaks="oversized messages would no longer be counted (tidings_limit_hits_total)",
-        found=task.exception,
-    )
-    require(
-        sent[0] == "4hello" and sent[1] is frame,
-        "python-engineio's websocket writer calls ws.send(pkt.encode()) for each queued packet",
+        settled and fresh.connected,
+        "python-engineio marks a socket that starts as a websocket connected and upgraded",
         by=by,
-        breaks="prebuilt frames (Preframed) would be framed again or fail: slow clients "
-        "behind a backlog get garbage",
-        found=sent,
+        breaks="packets to websockets would be held or refused as if polling",
+        found={"connected": fresh.connected, "upgraded": fresh.upgraded},
     )
+
+
+def test_engineio_socket_uses_its_queue_only_through_put_and_join(
+    gevent_eio: engineio.Server, eio_socket_class: type
+) -> None:
+    calls: list[Any] = []
+
+    class Recording:
+        def put(self, item: Any, *args: Any, **kwargs: Any) -> None:
+            calls.append(("put", item and item.packet_type))
+
+        def join(self) -> None:
+            calls.append(("join",))
+
+        def __getattr__(self, name: str) -> Any:
+            calls.append(name)
+            raise AttributeError(name)
+
+    sock = eio_socket_class(gevent_eio, "eio-queue")
+    sock.queue = Recording()
+    sock.send(eio_packet.Packet(eio_packet.MESSAGE, "x"))
+    sock.close(wait=True, abort=False)
+    expected = [
+        ("put", eio_packet.MESSAGE),
+        ("put", eio_packet.CLOSE),
+        ("put", None),
+        ("join",),
+    ]
+    require(
+        calls == expected,
+        "python-engineio's Socket.send puts each packet on Socket.queue; close() puts a CLOSE, "
+        "then None, then joins the queue (nothing else is used outside polling)",
+        by="webapp/websockets.py EngineWebSocket (is the queue of a handed-over socket: put, "
+        "join, task_done, qsize, empty)",
+        breaks="packets to websockets would be lost, or a close would never reach the client",
+        found=calls,
+    )
+
+
+def test_engineio_decodes_and_encodes_the_packets_websockets_py_recognises() -> None:
+    decoded = [
+        (p.packet_type, p.data)
+        for p in (
+            eio_packet.Packet(encoded_packet=text) for text in ("3", "2probe", "5", '42["a"]')
+        )
+    ]
+    binary = eio_packet.Packet(eio_packet.MESSAGE, b"\x01\x02").encode()
+    require(
+        decoded
+        == [
+            (eio_packet.PONG, ""),
+            (eio_packet.PING, "probe"),
+            (eio_packet.UPGRADE, ""),
+            (eio_packet.MESSAGE, '2["a"]'),
+        ]
+        and eio_packet.Packet(eio_packet.PONG, data="probe").encode() == "3probe"
+        and binary == b"\x01\x02",
+        "python-engineio's packets: '3' is a PONG, '2probe' the probe, '5' UPGRADE, '4...' a "
+        "MESSAGE; PONG probe encodes as '3probe'; a binary MESSAGE encodes as its bytes",
+        by="webapp/websockets.py EngineWebSocket._message (handles '3' and '42' from the hub), "
+        "_upgrade_step, _PROBE_ANSWER, _frame",
+        breaks="pongs, events, upgrades or binary messages of websocket clients",
+        found={"decoded": decoded, "binary": binary},
+    )
+
+
+def test_socketio_keeps_each_connections_environ_in_server_environ() -> None:
+    server = _gevent_sio_server()
+    seen: list[Any] = []
+    server.on("connect", lambda sid, environ, auth=None: seen.append(environ))
+    environ = {"REMOTE_ADDR": "10.0.0.1", "QUERY_STRING": ""}
+    server._handle_eio_connect("eio-env", environ)
+    kept = server.environ.get("eio-env")
+    server.environ["eio-env"] = slim = {"REMOTE_ADDR": "10.0.0.1"}
+    sock = engineio.socket.Socket(server.eio, "eio-env")
+    server.eio.sockets["eio-env"] = sock
+    server._handle_eio_message("eio-env", "0")
+    require(
+        kept is environ
+        and seen == [slim]
+        and isinstance(server.async_handlers, bool)
+        and server.eio.async_handlers is False,
+        "python-socketio keeps each engine.io connection's WSGI environ in Server.environ "
+        "(by engine.io sid) and hands that entry to the connect handler when Socket.IO "
+        "connects; Server.async_handlers says whether events run in greenlets of their own",
+        by="webapp/websockets.py Layer.slim_environ and EngineWebSocket._message",
+        breaks="the whole environ (headers, input stream) kept for every connection's life "
+        "(memory), or events run inside the hub",
+        found={"kept": kept, "seen": seen},
+    )
+    server.eio.sockets.clear()
 
 
 def test_engineio_schedules_pings_through_socket_schedule_ping(
@@ -1016,7 +1153,7 @@ def test_engineio_send_closes_a_socket_past_its_ping_timeout(
     require(
         sock.closed,
         "python-engineio Socket.send closes a socket whose PING went unanswered past ping_timeout",
-        by="webapp/fanout.py Direct.write (leaves such sockets to engine.io's send)",
+        by="webapp/fanout.py deliver (leaves such sockets to engine.io's send)",
         breaks="dead clients would be written to directly and kept open",
         found={"closing": sock.closing, "closed": sock.closed},
     )
@@ -1050,39 +1187,53 @@ def test_gevent_websocket_frames_text_as_fanout_does(size: int) -> None:
         wire == expected,
         "gevent-websocket's WebSocket.send(text) writes one final unmasked text frame, "
         "the shortest length encoding",
-        by="webapp/fanout.py encode_frame (direct writes must equal queued ones)",
-        breaks="a client would get frames from the fan-out that differ from engine.io's",
+        by="webapp/frames.py encode_frame (frames must be what gevent-websocket sends "
+        "an app's own websocket and a TLS websocket)",
+        breaks="a client would get frames from Tidings' writer that differ from engine.io's",
         found=wire[:16],
     )
 
 
-def test_gevent_websocket_reads_through_the_rfile_it_finds_when_made() -> None:
+def test_gevent_websocket_reads_and_writes_through_stream_raw_read_and_raw_write() -> None:
     from geventwebsocket.websocket import Stream, WebSocket
 
     server_end, client_end = gevent.socket.socketpair()
     handler = SimpleNamespace(socket=server_end, rfile=server_end.makefile("rb", 512))
     websocket = WebSocket({}, Stream(handler), handler)
     stream_read = websocket.stream.read
+    read_source = inspect.getsource(WebSocket.read_frame)
+    send_source = inspect.getsource(WebSocket.send_frame)
     require(
         getattr(stream_read, "__self__", None) is handler.rfile
         and websocket.handler is handler
-        and hasattr(websocket, "closed"),
+        and hasattr(websocket, "closed")
+        and {"stream", "raw_read", "raw_write"} <= set(WebSocket.__slots__)
+        and "Header.decode_header(self.stream)" in read_source
+        and "self.raw_read(" in read_source
+        and "self.raw_write(" in send_source,
         "gevent-websocket's Stream binds handler.rfile.read when the WebSocket is made; the "
-        "WebSocket keeps .handler and .closed",
-        by="webapp/worker.py SmallBufferWebSocketHandler.upgrade_connection (swaps rfile "
-        "before super().upgrade_connection()); webapp/fanout.py Direct",
-        breaks="upgraded connections would keep the 8 KB reader (memory per connection)",
+        "WebSocket reads frame headers through stream.read, payloads through raw_read, writes "
+        "through raw_write, and keeps .handler and .closed",
+        by="webapp/worker.py SmallBufferWebSocketHandler.upgrade_connection, _first_read, "
+        "_first_write and detach_websocket",
+        breaks="the deferred 101 answer of other apps' websockets, their 512-byte reader, or "
+        "the hand-over of engine.io's",
         found=stream_read,
     )
     source = inspect.getsource(
         __import__("geventwebsocket.handler").handler.WebSocketHandler.upgrade_connection
     )
+    run_source = inspect.getsource(
+        __import__("geventwebsocket.handler").handler.WebSocketHandler.run_websocket
+    )
     require(
-        "WebSocket(self.environ, Stream(self), self)" in source,
+        "WebSocket(self.environ, Stream(self), self)" in source
+        and "if not self.websocket.closed" in run_source,
         "gevent-websocket's WebSocketHandler.upgrade_connection builds the WebSocket from the "
-        "handler itself",
-        by="webapp/worker.py SmallBufferWebSocketHandler.upgrade_connection",
-        breaks="the small read buffer (same as above)",
+        "handler itself; run_websocket closes it only if it is not closed",
+        by="webapp/worker.py SmallBufferWebSocketHandler.upgrade_connection and "
+        "detach_websocket (marks the handed-over WebSocket closed)",
+        breaks="a close frame sent on a connection given away",
     )
     for end in (server_end, client_end):
         end.close()
@@ -1106,42 +1257,133 @@ def test_gevent_websocket_worker_hands_its_handler_to_gunicorns_server() -> None
 # -- gevent ----------------------------------------------------------------------------------
 
 
-def test_gevent_socket_keeps_the_stdlib_socket_and_a_write_event() -> None:
-    sender, receiver = gevent.socket.socketpair()
-    sender.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    raw = getattr(sender, "_sock", None)
+def test_gevent_loop_io_watchers_call_back_from_the_hub_until_stopped() -> None:
+    sender, receiver = socket.socketpair()
+    receiver.setblocking(False)
+    loop = gevent.get_hub().loop
+    calls: list[bytes] = []
+
+    def readable() -> None:  # called with no arguments, as webapp/transport.py's are
+        calls.append(receiver.recv(100))
+
+    watcher = loop.io(receiver.fileno(), 1)  # READ
+    watcher.start(readable)
+    sender.send(b"ping")
+    called = settle(lambda: calls)
+    watcher.stop()
+    sender.send(b"more")
+    gevent.sleep(0.05)  # nothing to poll for: a stopped watcher must stay silent
+    watcher.close()
+    fired: list[Any] = []
+    timer = loop.timer(0.01)
+    timer.start(fired.append, timer)
+    timed = settle(lambda: fired)
+    timer.close()
+    writable: list[bool] = []
+    writer = loop.io(sender.fileno(), 2)  # WRITE
+    writer.start(lambda: writable.append(True))
+    wakes = settle(lambda: writable)
+    writer.stop()
+    writer.close()
     require(
-        type(sender) is gevent.socket.socket
-        and isinstance(raw, _socket.socket)
-        and raw.fileno() == sender.fileno()
-        and raw.gettimeout() == 0.0,
-        "a gevent socket keeps the non-blocking stdlib socket under it as _sock",
-        by="webapp/fanout.py Direct (raw.send without the hub)",
-        breaks="every direct write of the fan-out",
-        found=raw,
-    )
-    idle = sender._write_event
-    blocked = gevent.spawn(sender.sendall, b"x" * 1_000_000)
-    waits = settle(lambda: sender._write_event.callback is not None)
-    while not blocked.dead:
-        receiver.recv(65536)
-    require(
-        waits and idle is not None and sender._write_event.callback is None,
-        "a gevent socket's _write_event has a callback exactly while a greenlet waits to write",
-        by="webapp/fanout.py Direct.write (no direct write into another greenlet's frame)",
-        breaks="a direct write could land inside a pong or close frame that gevent-websocket's "
-        "reader is writing: a corrupt stream",
-        found=idle,
+        called and calls == [b"ping"] and timed and fired == [timer] and wakes,
+        "gevent's loop.io(fd, 1 or 2).start(callback) calls callback() from the hub while the "
+        "fd is readable or writable, and not after stop(); loop.timer(seconds).start(cb, arg) "
+        "calls cb(arg) once",
+        by="webapp/transport.py Transport (start_reading, _readable, write, _writable, close)",
+        breaks="every handed-over websocket: nothing read, nothing written after a backlog, "
+        "or a closing connection never finished",
+        found={"calls": calls, "fired": fired, "writable": writable},
     )
     sender.close()
-    require(
-        sender._write_event is None,
-        "a closed gevent socket's _write_event is None",
-        by="webapp/fanout.py Direct.write",
-        breaks="a write to a closed socket would raise instead of taking the queued path",
-        found=sender._write_event,
-    )
     receiver.close()
+
+
+def test_gevent_socket_detach_keeps_the_fd_open_and_drops_its_watchers() -> None:
+    server_end, client_end = gevent.socket.socketpair()
+    fd = server_end.fileno()
+    detached = server_end.detach()
+    raw = _socket.socket(fileno=detached)
+    client_end.sendall(b"still open")
+    raw.settimeout(5)
+    received = raw.recv(100)
+    require(
+        detached == fd
+        and received == b"still open"
+        and server_end._read_event is None
+        and server_end._write_event is None,
+        "a gevent socket's detach() returns its fd without closing it and drops its own "
+        "read and write watchers",
+        by="webapp/worker.py SmallBufferWebSocketHandler.detach_websocket; webapp/websockets.py "
+        "_serve (_socket.socket(fileno=fd))",
+        breaks="handed-over websockets closed at once, or two sets of watchers on one fd",
+        found={"fd": (fd, detached), "received": received},
+    )
+    raw.close()
+    client_end.close()
+
+
+def test_gevent_pywsgi_handle_leaves_a_connection_whose_socket_was_taken() -> None:
+    from gevent import pywsgi
+
+    source = inspect.getsource(pywsgi.WSGIHandler.handle)
+    write_source = inspect.getsource(pywsgi.WSGIHandler._write_with_headers)
+    require(
+        "while self.socket is not None" in source
+        and "if self.socket is not None" in source
+        and "self._sendall(towrite)" in write_source,
+        "gevent's pywsgi WSGIHandler.handle stops and closes nothing once self.socket is None; "
+        "the headers of an answer go out through self._sendall",
+        by="webapp/worker.py SmallBufferWebSocketHandler.detach_websocket (sets self.socket "
+        "to None; keeps the 101 answer by setting _sendall)",
+        breaks="every handed-over websocket closed by the handler that gave it away, or its "
+        "101 answer sent before engine.io's OPEN packet",
+    )
+
+
+def test_gevent_pool_slots_are_a_semaphore_released_in_discard() -> None:
+    from gevent.pool import Group, Pool
+
+    pool = Pool(2)
+    gate = gevent.event.Event()
+    task = pool.spawn(gate.wait)
+    taken = pool.free_count()
+    gate.set()
+    task.join(5)
+    settle(lambda: len(pool) == 0)
+    source = inspect.getsource(Pool._discard)
+    require(
+        taken == 1
+        and pool.free_count() == 2
+        and "Group._discard(self, greenlet)" in source
+        and "self._semaphore.release()" in source
+        and hasattr(pool._semaphore, "release")
+        and Group._discard is not Pool._discard,
+        "gevent's Pool holds a slot per greenlet in _semaphore, released by Pool._discard "
+        "after Group._discard when the greenlet ends; free_count() is size - len(pool)",
+        by="webapp/worker.py KeepingPool (_discard keeps a detached handler's slot; "
+        "release_kept releases it)",
+        breaks="worker_connections would no longer bound a worker's websockets, or slots leak",
+        found={"taken": taken, "free": pool.free_count()},
+    )
+
+
+def test_gunicorn_gevent_worker_builds_its_server_from_server_class_with_a_pool() -> None:
+    from gunicorn.workers import ggevent
+
+    run_source = inspect.getsource(ggevent.GeventWorker.run)
+    require(
+        "pool = Pool(self.worker_connections)" in run_source
+        and "self.server_class(" in run_source
+        and "spawn=pool" in run_source
+        and "server.pool.free_count() != server.pool.size" in run_source,
+        "gunicorn's GeventWorker.run builds self.server_class(..., spawn=Pool("
+        "worker_connections)) and, stopping, waits while pool.free_count() != pool.size",
+        by="webapp/worker.py WebSocketServer (swaps the Pool for a KeepingPool) and "
+        "GeventWebSocketWorker.server_class",
+        breaks="worker_connections unbounded for websockets; a stopping worker would not "
+        "wait for them",
+    )
 
 
 def test_gevent_queue_calls_a_subclass_put_and_get_hooks() -> None:

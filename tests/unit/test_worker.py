@@ -8,6 +8,7 @@ import os
 import struct
 import sys
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -32,9 +33,10 @@ def echo(environ: dict[str, Any], start_response: Any) -> list[bytes]:
     if ws is None:
         start_response("200 OK", [("Content-Type", "text/plain")])
         return [b"plain"]
-    readers.append(sys.getsizeof(environ["wsgi.input"]))
     kept_headers.append("headers" in vars(ws.handler))
     while (message := ws.receive()) is not None:
+        if not readers:  # the reader is chosen at the first read (the 101 goes out then)
+            readers.append(sys.getsizeof(environ["wsgi.input"]))
         ws.send(message)
     return []
 
@@ -193,3 +195,32 @@ def test_plain_request_headers_skip_the_email_parser() -> None:
 def test_overlong_header_lines_are_refused_as_before() -> None:
     raw = b"X-Long: " + b"x" * 70_000 + b"\r\n\r\n"
     assert parse_request_headers(io.BytesIO(raw)).status == "Line too long"
+
+
+# -- handing a websocket over ------------------------------------------------------------------
+
+
+def test_only_a_plain_gevent_socket_is_handed_over_with_what_was_read() -> None:
+    class Wrapped(gsocket.socket):  # as gevent's SSLSocket subclasses it
+        pass
+
+    server = SimpleNamespace(pool=None)
+    with Wrapped() as tls:
+        handler = SmallBufferWebSocketHandler(tls, ("127.0.0.1", 1), server)
+        handler.environ = {"wsgi.websocket": SimpleNamespace()}
+        assert handler.detach_websocket() is None
+    ours, peer = gsocket.socketpair()
+    handler = SmallBufferWebSocketHandler(ours, ("127.0.0.1", 1), server)
+    handler.environ = {"wsgi.websocket": SimpleNamespace()}
+    peer.sendall(b"early frame")
+    taken = handler.detach_websocket()
+    assert taken is not None
+    fd, answer, early, pool = taken
+    assert early == b"early frame" and pool is None and handler.socket is None
+    assert answer == b""  # no start_response here: nothing to answer
+    assert handler.environ["wsgi.websocket"].closed  # no close frame from the handler
+    ours.close()  # the gevent socket no longer owns the descriptor
+    os.write(fd, b"still open")
+    assert peer.recv(100) == b"still open"
+    os.close(fd)
+    peer.close()
