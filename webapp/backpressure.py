@@ -96,15 +96,15 @@ def _abort(eio: Any, sock: engineio.socket.Socket) -> int | None:
     if transport is None:
         raw = getattr(sock, "tidings_socket", None)  # engine.io's own websocket (TLS)
         sock.close(wait=False, abort=True, reason=eio.reason.SERVER_DISCONNECT)
-        return _sever(raw, sock.sid) if raw is not None else None
+        return sever(raw, sock.sid) if raw is not None else None
     # The kernel's part first: once the transport is closed its descriptor is gone.
-    unsent = _sever(transport.sock, sock.sid) if transport.state != CLOSED else None
+    unsent = sever(transport.sock, sock.sid) if transport.state != CLOSED else None
     transport.abort()  # no close frame: the connection just ends
     sock.close(wait=False, abort=True, reason=eio.reason.SERVER_DISCONNECT)
     return unsent
 
 
-def _sever(raw: Any, sid: str) -> int | None:
+def sever(raw: Any, sid: str) -> int | None:
     """End a connection after what the kernel holds for it (reset if unread); return that."""
     try:
         unsent: int | None = unsent_bytes(raw)

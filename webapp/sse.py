@@ -72,6 +72,7 @@ from tidings.event_stream import position as encode_position
 from tidings.history import BEGINNING, parse_offset, recover_many
 from tidings.topics import is_valid_topic
 from webapp.addresses import client_address
+from webapp.backpressure import sever
 from webapp.grants import Grant, InvalidToken, decode_token, grant_for
 from webapp.realtime import SUBSCRIBED_WAIT_SECONDS, Connection
 
@@ -390,17 +391,24 @@ class Stream:
             self._events + events > self._max_packets or self._bytes + len(text) > self._max_bytes
         )
         if self._writing and self._queue and over:
+            metrics.slow_client_cut()
+            self.cut = True
+            self.close()
+            # As for a websocket: what is queued here is dropped, what the
+            # kernel holds goes out before the FIN, and a client that does
+            # not read it within the drain time gets a reset. Without this
+            # the response's greenlet would wait on the client for good.
+            unsent = sever(self._wire.raw, self.sid) if self._wire is not None else None
             log.warning(
-                "slow client cut: sid=%s had %d events / %d bytes queued (limits %d / %d)",
+                "slow client cut: sid=%s had %d events / %d bytes queued (limits %d / %d),"
+                " %s bytes more in the kernel",
                 self.sid,
                 self._events,
                 self._bytes,
                 self._max_packets,
                 self._max_bytes,
+                "?" if unsent is None else unsent,
             )
-            metrics.slow_client_cut()
-            self.cut = True
-            self.close()
             return
         if self._wire is not None:
             self._queue.append(chunked or chunk(text))
@@ -689,8 +697,13 @@ def _events(app: Flask, stream: Stream, keepalive: float) -> Iterator[bytes]:
                 if wire is None:
                     yield chunk
                     wire = stream.take_socket()
+                elif stream.cut:
+                    return  # dropped: the socket is severed
                 else:
-                    wire.send(chunk)
+                    try:
+                        wire.send(chunk)
+                    except OSError:  # the client went, or the stream was cut meanwhile
+                        return
                 stream.sent_at = time.monotonic()
             if stream.closed:
                 return
@@ -699,7 +712,8 @@ def _events(app: Flask, stream: Stream, keepalive: float) -> Iterator[bytes]:
                 if wire is None:
                     yield TOKEN_EXPIRED
                 else:
-                    wire.send(stream.frame(TOKEN_EXPIRED))
+                    with contextlib.suppress(OSError):  # the client went meanwhile
+                        wire.send(stream.frame(TOKEN_EXPIRED))
                 return
     finally:
         stream.release()

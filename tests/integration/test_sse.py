@@ -193,6 +193,15 @@ def test_a_stream_that_stops_reading_is_cut(make_stack: Callable[..., Stack]) ->
         wait_for(lambda: "slow client cut" in stack.web.log(), timeout=20)
         # The reading client is not the one cut: it gets everything.
         wait_for(lambda: len(reader.publications()) == 200, timeout=20)
+        # What the kernel held stays unread: the cut ends in a reset, not in
+        # a FIN behind it that the client would notice only on reading it all.
+        line = next(x for x in stack.web.log().splitlines() if "slow client cut" in x)
+        assert int(line.rsplit(", ", 1)[1].split()[0]) > 0  # bytes more in the kernel
+        wait_for(lambda: "after the cut; reset" in stack.web.log(), timeout=10)
+        stalled.settimeout(10)
+        with pytest.raises(ConnectionResetError):
+            while stalled.recv(65536):
+                pass
     finally:
         reader.close()
         stalled.close()
