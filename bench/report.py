@@ -762,7 +762,9 @@ def markdown(
         f"worker, one listener), pub/sub to `{OWN_PEER}`; connected once, then: "
         f"{sizes.own_rate:,.0f}/s round robin over the topics for {sizes.own_seconds:g} s; "
         f"a burst of {sizes.own_burst:,} over the topics; then "
-        + ", ".join(f"{float(rate):,.0f}/s" for rate in sizes.ceiling_rates.split(","))
+        + ", ".join(
+            f"{float(rate):,.0f}/s" for rate in sizes.ceiling_rates.split(",") if rate.strip()
+        )
         + f" for {sizes.ceiling_seconds:g} s each on every system, then "
         f"{sizes.ceiling_bisect} midpoint(s) between a system's highest rate with p99 "
         "< 200 ms and nothing lost and the first rate above it that was not (the ceiling);",

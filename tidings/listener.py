@@ -66,12 +66,14 @@ BACKOFF_MAX = 1.0
 CLAIM_IDLE_MS = 5000
 CLAIM_EVERY_SECONDS = 2.0
 # Durable publications arriving in batches less than BUSY_GAP_SECONDS apart
-# are a busy trickle: instead of waking for each, the ingest loop then reads
-# every BUSY_WAIT_SECONDS, so a call carries several publications. At most
-# that much latency is added, and only then; sparser traffic goes out the
-# moment it arrives, and a steady flood never waits (there is always more).
+# (or twice the wait, if longer) are a busy trickle: instead of waking for
+# each, the ingest loop then reads every TIDINGS_INGEST_BATCH_WAIT_US, so a
+# call carries several publications. At most that much latency is added, and
+# only then; sparser traffic goes out the moment it arrives, and a steady
+# flood never waits (there is always more). bench/PROFILE.md finding 10 has
+# the trade: at 2,000/s, the default 2 ms costs 1.4 ms of median latency and
+# saves over half the CPU per publication (python -m bench.batch_wait).
 BUSY_GAP_SECONDS = 0.002
-BUSY_WAIT_SECONDS = 0.001
 TRIM_EVERY_SECONDS = 1.0
 
 _REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
@@ -451,10 +453,12 @@ class Listener:
         # Whether `entries` came through the group (a fenced read), or only
         # from the wake-up (to be claimed in the same call that forwards them).
         taken = True
-        # A busy trickle (batches less than BUSY_GAP_SECONDS apart) is
-        # batched by time: see BUSY_WAIT_SECONDS.
+        # A busy trickle (batches less than `gap` apart) is batched by
+        # time: see BUSY_GAP_SECONDS.
         busy = False
         last_batch = 0.0
+        wait = self.settings.ingest_batch_wait_us / 1_000_000
+        gap = max(BUSY_GAP_SECONDS, 2 * wait) if wait else 0.0
         while not self._stop.is_set():
             now = time.monotonic()
             if now - last_claim >= CLAIM_EVERY_SECONDS:
@@ -467,11 +471,11 @@ class Listener:
                 trim(keys=[INGEST_STREAM], args=[INGEST_GROUP])
                 last_trim = now
             if busy and not entries:
-                # Let more arrive before reading: a read per BUSY_WAIT_SECONDS
-                # instead of one per publication (each one a wake-up of the
-                # listener and of the web workers, which cost more than the
+                # Let more arrive before reading: a read per `wait` instead
+                # of one per publication (each one a wake-up of the listener
+                # and of the web workers, which cost more than the
                 # publication itself). What is read is forwarded at once.
-                self._stop.wait(BUSY_WAIT_SECONDS)
+                self._stop.wait(wait)
                 entries, newest = self._forward_entries(forwarder, [], read_next=True)
                 busy = bool(entries)
                 taken = True
@@ -485,7 +489,7 @@ class Listener:
                     continue
                 taken = False
             now = time.monotonic()
-            busy = now - last_batch < BUSY_GAP_SECONDS
+            busy = now - last_batch < gap
             last_batch = now
             # Forward what was read (claiming it first if the wake-up read
             # it) and read what came meanwhile, in one fenced script call.

@@ -63,6 +63,9 @@ class Settings:
     sse_keepalive: int = 15
     max_publish_body: int = 1024 * 1024
     max_publish_batch: int = 1000
+    # Microseconds the listener lets durable publications gather while they
+    # come in a busy trickle (tidings/listener.py); 0: each as it arrives.
+    ingest_batch_wait_us: int = 2000
     # The Sentinel master name of a sentinel:// broker (TIDINGS_SENTINEL_MASTER,
     # else the service named in a redis+sentinel:// TIDINGS_REDIS_URL).
     sentinel_master: str | None = None
@@ -143,6 +146,9 @@ class Settings:
             ),
             max_publish_batch=_int(
                 env, "TIDINGS_MAX_PUBLISH_BATCH", cls.max_publish_batch, 1, 100_000
+            ),
+            ingest_batch_wait_us=_int(
+                env, "TIDINGS_INGEST_BATCH_WAIT_US", cls.ingest_batch_wait_us, 0, 100_000
             ),
             sentinel_master=sentinel_master,
             presence_topics=_patterns(env, "TIDINGS_PRESENCE_TOPICS", ""),

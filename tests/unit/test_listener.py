@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 from collections.abc import Iterator
@@ -268,23 +269,39 @@ def test_a_burst_whose_replies_arrive_in_pieces_is_forwarded_whole_without_a_rec
         path.close()
 
 
+def _trickle_calls(redis_client: redis.Redis, sent: int) -> int:
+    """Publish `sent` durable publications one at a time at ~2,000/s; the listener's calls."""
+    import time
+
+    redis_client.config_resetstat()
+    start = time.monotonic()
+    for n in range(sent):
+        redis_client.xadd(INGEST_STREAM, {"topic": "public.trickle", "data": str(n)})
+        time.sleep(max(0.0, start + (n + 1) / 2000 - time.monotonic()))
+    wait_for(lambda: redis_client.xlen("tidings:history:public.trickle") == sent, timeout=10)
+    stats = redis_client.info("commandstats")
+    data = [json.loads(f[b"d"]) for _, f in redis_client.xrange("tidings:history:public.trickle")]
+    assert data == list(range(sent))
+    # Script calls and wake-up reads.
+    return sum(stats.get(f"cmdstat_{c}", {}).get("calls", 0) for c in ("evalsha", "xread"))
+
+
 def test_a_busy_trickle_of_durable_publications_is_forwarded_a_few_per_call(
     running: Running, redis_client: redis.Redis
 ) -> None:
     """At ~2,000/s, one arrival at a time, the listener must not make a call per publication."""
-    import time
+    calls = _trickle_calls(redis_client, 1000)
+    assert calls < 1000, f"{calls} calls for 1000 publications"
 
-    redis_client.config_resetstat()
-    sent = 1000
-    start = time.monotonic()
-    for n in range(sent):
-        redis_client.xadd(INGEST_STREAM, {"topic": "public.trickle", "data": str(n)})
-        # One at a time, about 2,000 a second.
-        time.sleep(max(0.0, start + (n + 1) / 2000 - time.monotonic()))
-    wait_for(lambda: redis_client.xlen("tidings:history:public.trickle") == sent, timeout=10)
-    stats = redis_client.info("commandstats")
-    # Script calls and wake-up reads; without the batching, at least two per publication.
-    calls = sum(stats.get(f"cmdstat_{c}", {}).get("calls", 0) for c in ("evalsha", "xread"))
-    data = [json.loads(f[b"d"]) for _, f in redis_client.xrange("tidings:history:public.trickle")]
-    assert data == list(range(sent))
-    assert calls < sent, f"{calls} calls for {sent} publications"
+
+def test_with_no_batch_wait_each_publication_goes_as_it_arrives(
+    redis_client: redis.Redis, settings: Settings
+) -> None:
+    """TIDINGS_INGEST_BATCH_WAIT_US=0: a wake-up and a forward per publication, none held back."""
+    listener = Running(dataclasses.replace(settings, ingest_batch_wait_us=0), redis_client)
+    listener.start()
+    try:
+        calls = _trickle_calls(redis_client, 500)
+    finally:
+        listener.stop()
+    assert calls >= 2 * 500 * 0.9, f"{calls} calls for 500 publications"

@@ -26,6 +26,11 @@ def test_queue_linger_is_read_in_milliseconds() -> None:
     assert Settings.from_env({"TIDINGS_QUEUE_LINGER_MS": "0"}).queue_linger_ms == 0
 
 
+def test_the_ingest_batch_wait_is_read_in_microseconds() -> None:
+    assert Settings.from_env({}).ingest_batch_wait_us == 2000
+    assert Settings.from_env({"TIDINGS_INGEST_BATCH_WAIT_US": "0"}).ingest_batch_wait_us == 0
+
+
 def test_broker_defaults_to_next_db_of_the_same_server() -> None:
     settings = Settings.from_env({"TIDINGS_REDIS_URL": "redis://:pw@example:6380/4"})
     assert settings.broker_url == "redis://:pw@example:6380/5"
@@ -92,6 +97,8 @@ def test_trusted_proxies_default_to_loopback_and_take_addresses_and_cidrs() -> N
         ("TIDINGS_QUEUE_LINGER_MS", "-1"),
         ("TIDINGS_SSE_KEEPALIVE", "0"),
         ("TIDINGS_QUEUE_LINGER_MS", "2s"),
+        ("TIDINGS_INGEST_BATCH_WAIT_US", "1ms"),
+        ("TIDINGS_INGEST_BATCH_WAIT_US", "100001"),
         ("TIDINGS_TRUSTED_PROXIES", "10.0.0.1/8"),
         ("TIDINGS_TRUSTED_PROXIES", "127.0.0.1, ::1/129"),
     ],
