@@ -185,8 +185,8 @@ def run_workloads(
         # Tidings on its durable path with one web worker; the Node peer has pub/sub only.
         # Every one-worker Tidings (a commit's code too, to compare in one run).
         peers = [(s, False) for s in running if s.routing_peer]
-        single = [s for s in classic if s.durable and s.name.startswith("tidings-1w")]
-        rows += routed.own_topics(ctx, [(s, True) for s in single] + peers)
+        one_worker = [s for s in classic if isinstance(s, systems.Tidings) and s.workers == 1]
+        rows += routed.own_topics(ctx, [(s, True) for s in one_worker] + peers)
     if "fast-burst" in chosen:
         # The listener's loss is the question: one Tidings and the Node peer answer it,
         # the naive app would take minutes (8,000 deliveries/s).
