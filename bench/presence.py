@@ -290,6 +290,10 @@ def churn_result(cpu: dict[str, list[float]], args: argparse.Namespace) -> str:
     def runs(name: str) -> str:
         return "[" + ", ".join(f"{v:.1f}" for v in cpu[name]) + "]"
 
+    def to_off(value: float) -> str:
+        # A short run can use less CPU than the clock's tick (10 ms): 0% measured.
+        return f"{value / off:.2f}x" if off else "n/a, presence off measured 0%"
+
     baseline = ""
     if args.baseline:
         base = statistics.median(cpu["base"])
@@ -298,7 +302,7 @@ def churn_result(cpu: dict[str, list[float]], args: argparse.Namespace) -> str:
         f"{args.clients} clients ({args.clients // TABS} users x {TABS} tabs) on 50 topics,"
         f" {args.rate:g} joins/s (and as many leaves) for {args.seconds:g} s, {args.rounds}"
         f" rounds: web worker CPU, median, presence off {off:.1f}%, on {on:.1f}%"
-        f" (**{on / off:.2f}x**), on with join/leave events {joins:.1f}% ({joins / off:.2f}x)"
+        f" (**{to_off(on)}**), on with join/leave events {joins:.1f}% ({to_off(joins)})"
         f" (runs off {runs('off')}, on {runs('on')}, joins {runs('joins')}){baseline}"
     )
 

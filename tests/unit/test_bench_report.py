@@ -1,9 +1,11 @@
-"""RESULTS.md: the separate measurements (kept by `make bench`), the Server-Sent Events section."""
+"""RESULTS.md: the separate measurements (kept by `make bench`), the SSE section, result lines."""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
+from bench.presence import churn_result
 from bench.report import SEPARATE, _sse_section, record_separate, separate_section
 from bench.workloads import Row
 
@@ -52,3 +54,12 @@ def test_the_sse_section_sets_each_sse_row_against_its_websocket_row() -> None:
     assert "| connections: KB/conn | - | 30.0 | - |" in lines
     assert "| connections: lost / duplicated | - | 2 / 0 | |" in lines
     assert _sse_section(rows[:2]) == []
+
+
+def test_the_presence_line_survives_a_run_too_short_to_measure_cpu() -> None:
+    # At the smoke test's sizes the web worker can use less than a clock tick.
+    args = argparse.Namespace(clients=8, rate=10, seconds=0.5, rounds=1, baseline=None)
+    line = churn_result({"off": [0.0], "on": [1.0], "joins": [2.0]}, args)
+    assert "presence off 0.0%" in line and "n/a, presence off measured 0%" in line
+    line = churn_result({"off": [2.0], "on": [1.0], "joins": [3.0]}, args)
+    assert "(**0.50x**)" in line and "(1.50x)" in line
